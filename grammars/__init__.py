@@ -1,0 +1,1 @@
+"""The .dln grammar, shipped as package data and loaded with importlib.resources."""
