@@ -1,0 +1,140 @@
+"""The simplifier: constant folding, algebraic identities, common subexpressions, dead nodes.
+
+Each pass is a pure function from Graph to Graph; `simplify` runs them to a fixed point.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+
+from .ir import Graph, Node, Value
+
+# constant folding: op -> numpy evaluation on constant inputs
+FOLD_RULES: dict[str, Callable[..., np.ndarray]] = {
+    "identity": lambda x, **_: x,
+    "add": lambda a, b, **_: a + b,
+    "sub": lambda a, b, **_: a - b,
+    "mul": lambda a, b, **_: a * b,
+    "div": lambda a, b, **_: a / b,
+    "pow": lambda a, b, **_: np.power(a, b),
+    "maximum": lambda a, b, **_: np.maximum(a, b),
+    "minimum": lambda a, b, **_: np.minimum(a, b),
+    "neg": lambda x, **_: -x,
+    "exp": lambda x, **_: np.exp(x),
+    "log": lambda x, **_: np.log(x),
+    "sqrt": lambda x, **_: np.sqrt(x),
+    "abs": lambda x, **_: np.abs(x),
+    "sign": lambda x, **_: np.sign(x),
+    "greater": lambda a, b, **_: a > b,
+}
+
+
+def _const_value(producers: dict[str, Node], value: Value) -> np.ndarray | None:
+    node = producers.get(value.name)
+    return node.attr("value") if node is not None and node.op == "const" else None
+
+
+def _rename(graph: Graph, alias: dict[str, Value]) -> Graph:
+    """Replace uses of each aliased value by its target, following chains."""
+    def resolve(v: Value) -> Value:
+        while v.name in alias:
+            v = alias[v.name]
+        return v
+    nodes = tuple(replace(n, inputs=tuple(resolve(v) for v in n.inputs)) for n in graph.nodes)
+    return replace(graph, nodes=nodes, outputs=tuple(resolve(v) for v in graph.outputs))
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate nodes whose inputs are all constants (where a fold rule exists)."""
+    producers: dict[str, Node] = {}
+    nodes = []
+    for node in graph.nodes:
+        values = [_const_value(producers, v) for v in node.inputs]
+        if node.op in FOLD_RULES and node.inputs and all(v is not None for v in values):
+            with np.errstate(all="ignore"):
+                folded = np.asarray(FOLD_RULES[node.op](*values, **node.attrs))
+            node = Node("const", (), node.output, {"value": folded.astype(node.output.dtype)})
+        producers[node.output.name] = node
+        nodes.append(node)
+    return replace(graph, nodes=tuple(nodes))
+
+
+def _is_scalar_const(producers, value: Value, target: float) -> bool:
+    c = _const_value(producers, value)
+    return c is not None and c.size == 1 and float(c.reshape(())) == target
+
+
+def apply_identities(graph: Graph) -> Graph:
+    """x·1 → x, x + 0 → x, x − 0 → x, x / 1 → x, −(−x) → x, where the shape is unchanged."""
+    producers = graph.producers()
+    protected = {v.name for v in graph.outputs}
+    alias: dict[str, Value] = {}
+    for node in graph.nodes:
+        out = node.output
+        keep = None
+        if out.name in protected:
+            continue
+        if node.op in ("mul", "add", "sub", "div") and len(node.inputs) == 2:
+            a, b = node.inputs
+            unit = 1.0 if node.op in ("mul", "div") else 0.0
+            if _is_scalar_const(producers, b, unit) and a.shape == out.shape:
+                keep = a
+            elif node.op in ("mul", "add") and _is_scalar_const(producers, a, unit) and b.shape == out.shape:
+                keep = b
+        elif node.op == "neg":
+            inner = producers.get(node.inputs[0].name)
+            if inner is not None and inner.op == "neg":
+                keep = inner.inputs[0]
+        elif node.op in ("reshape_as", "expand_as") and node.inputs[0].shape == out.shape \
+                and all(isinstance(d, int) for d in out.shape):
+            keep = node.inputs[0]
+        if keep is not None and keep.dtype == out.dtype:
+            alias[out.name] = keep
+    return _rename(graph, alias) if alias else graph
+
+
+def _key(node: Node) -> Any:
+    attrs = tuple(sorted((k, v.tobytes() + str(v.dtype).encode() + str(v.shape).encode()
+                          if isinstance(v, np.ndarray) else repr(v)) for k, v in node.attrs.items()))
+    return node.op, tuple(v.name for v in node.inputs), attrs
+
+
+def eliminate_common_subexpressions(graph: Graph) -> Graph:
+    """Nodes with the same op, inputs and attributes compute the same value: keep the first."""
+    protected = {v.name for v in graph.outputs}
+    seen: dict[Any, Value] = {}
+    alias: dict[str, Value] = {}
+    for node in graph.nodes:
+        node = replace(node, inputs=tuple(alias.get(v.name, v) for v in node.inputs))
+        key = _key(node)
+        if key in seen and seen[key].dtype == node.output.dtype and node.output.name not in protected:
+            alias[node.output.name] = seen[key]
+        else:
+            seen.setdefault(key, node.output)
+    return _rename(graph, alias) if alias else graph
+
+
+def eliminate_dead_nodes(graph: Graph) -> Graph:
+    """Drop nodes that no output depends on."""
+    needed = {v.name for v in graph.outputs}
+    kept = []
+    for node in reversed(graph.nodes):
+        if node.output.name in needed:
+            kept.append(node)
+            needed.update(v.name for v in node.inputs)
+    return replace(graph, nodes=tuple(reversed(kept)))
+
+
+PASSES = (fold_constants, apply_identities, eliminate_common_subexpressions, eliminate_dead_nodes)
+
+
+def simplify(graph: Graph, max_rounds: int = 10) -> Graph:
+    for _ in range(max_rounds):
+        before = len(graph.nodes)
+        for simplify_pass in PASSES:
+            graph = simplify_pass(graph)
+        if len(graph.nodes) == before:
+            return graph
+    return graph
