@@ -69,7 +69,7 @@ def emit_const(ctx, node):
 
 _ONE_TO_ONE = {"identity": "Identity", "add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div",
                "pow": "Pow", "maximum": "Max", "minimum": "Min", "neg": "Neg", "exp": "Exp",
-               "log": "Log", "sqrt": "Sqrt", "abs": "Abs", "sign": "Sign", "relu": "Relu",
+               "log": "Log", "sqrt": "Sqrt", "floor": "Floor", "abs": "Abs", "sign": "Sign", "relu": "Relu",
                "sigmoid": "Sigmoid", "tanh": "Tanh", "greater": "Greater", "where": "Where"}
 
 
@@ -125,6 +125,11 @@ def emit_reduce(ctx, node):
 @emit("unsqueeze")
 def emit_unsqueeze(ctx, node):
     ctx.node("Unsqueeze", [node.inputs[0].name, ctx.axes(node.attr("axes"), node.output.name)], node.output.name)
+
+
+@emit("squeeze")
+def emit_squeeze(ctx, node):
+    ctx.node("Squeeze", [node.inputs[0].name, ctx.axes(node.attr("axes"), node.output.name)], node.output.name)
 
 
 def _shape_of(ctx: EmitContext, value: Value, out: str) -> str:

@@ -51,6 +51,8 @@ OPS: Mapping[str, str] = {
     "reduce_sum": "y = Σ x over attr axes (None: all), keepdims",
     "reduce_mean": "y = mean of x over attr axes (None: all), keepdims",
     "unsqueeze": "y = x with size-1 dims inserted at attr axes",
+    "squeeze": "y = x without its size-1 dims at attr axes",
+    "floor": "y = ⌊x⌋",
     "reshape_as": "y = x reshaped to the shape of `like`",
     "expand_as": "y = x broadcast to the shape of `like`",
     "flatten": "y = x reshaped to (m, everything else)",
@@ -62,7 +64,7 @@ OPS: Mapping[str, str] = {
 }
 
 # ops whose output carries no gradient to their inputs (their VJP rule returns Nones)
-NON_DIFFERENTIABLE = frozenset({"const", "sign", "greater", "cast", "one_hot", "batch_count"})
+NON_DIFFERENTIABLE = frozenset({"const", "sign", "floor", "greater", "cast", "one_hot", "batch_count"})
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,9 @@ class Builder:
                      tuple(outputs))
 
     # the arithmetic used by VJP rules and the optimisers, spelled as the math reads
-    def add(self, a: Value, b: Value) -> Value: return self.op("add", a, b)
-    def sub(self, a: Value, b: Value) -> Value: return self.op("sub", a, b)
-    def mul(self, a: Value, b: Value) -> Value: return self.op("mul", a, b)
-    def div(self, a: Value, b: Value) -> Value: return self.op("div", a, b)
-    def neg(self, a: Value) -> Value: return self.op("neg", a)
+    def add(self, a: Value, b: Value, name: str | None = None) -> Value: return self.op("add", a, b, name=name)
+    def sub(self, a: Value, b: Value, name: str | None = None) -> Value: return self.op("sub", a, b, name=name)
+    def mul(self, a: Value, b: Value, name: str | None = None) -> Value: return self.op("mul", a, b, name=name)
+    def div(self, a: Value, b: Value, name: str | None = None) -> Value: return self.op("div", a, b, name=name)
+    def neg(self, a: Value, name: str | None = None) -> Value: return self.op("neg", a, name=name)
     def scalar(self, x: float) -> Value: return self.const(x)

@@ -50,7 +50,7 @@ def shape_const(inputs, attrs):
     return str(value.dtype), tuple(value.shape)
 
 
-@rule("identity", "neg", "exp", "log", "sqrt", "abs", "sign", "relu", "leaky_relu", "sigmoid",
+@rule("identity", "floor", "neg", "exp", "log", "sqrt", "abs", "sign", "relu", "leaky_relu", "sigmoid",
       "tanh", "softmax", "log_softmax")
 def shape_unary(inputs, attrs):
     (x,) = inputs
@@ -122,6 +122,15 @@ def shape_unsqueeze(inputs, attrs):
     for axis in sorted(a % rank for a in attrs["axes"]):
         shape.insert(axis, 1)
     return x.dtype, tuple(shape)
+
+
+@rule("squeeze")
+def shape_squeeze(inputs, attrs):
+    (x,) = inputs
+    axes = {a % x.rank for a in attrs["axes"]}
+    if any(x.shape[a] != 1 for a in axes):
+        raise ShapeError(f"cannot squeeze axes {sorted(axes)} of {x.shape}")
+    return x.dtype, tuple(d for i, d in enumerate(x.shape) if i not in axes)
 
 
 @rule("reshape_as")

@@ -27,6 +27,7 @@ FOLD_RULES: dict[str, Callable[..., np.ndarray]] = {
     "sqrt": lambda x, **_: np.sqrt(x),
     "abs": lambda x, **_: np.abs(x),
     "sign": lambda x, **_: np.sign(x),
+    "floor": lambda x, **_: np.floor(x),
     "greater": lambda a, b, **_: a > b,
 }
 

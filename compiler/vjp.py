@@ -43,7 +43,7 @@ def _reduced_count(b: Builder, x: Value, axes: tuple[int, ...]) -> Value:
     return count
 
 
-@vjp(*sorted({"const", "sign", "greater", "cast", "one_hot", "batch_count"}))
+@vjp(*sorted({"const", "sign", "floor", "greater", "cast", "one_hot", "batch_count"}))
 def vjp_none(b, g, node):
     return (None,) * len(node.inputs)
 
@@ -211,6 +211,11 @@ def vjp_reduce_mean(b, g, node):
 def vjp_reshape(b, g, node):
     x = node.inputs[0]
     return (b.op("reshape_as", g, x),) + (None,) * (len(node.inputs) - 1)
+
+
+@vjp("squeeze")
+def vjp_squeeze(b, g, node):
+    return (b.op("reshape_as", g, node.inputs[0]),)
 
 
 @vjp("expand_as")

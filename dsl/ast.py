@@ -17,7 +17,7 @@ NO_SPANS: Mapping[str, Span] = MappingProxyType({})
 
 
 def _spans() -> Mapping[str, Span]:
-    return field(default=NO_SPANS, compare=False, repr=False)
+    return field(default_factory=lambda: NO_SPANS, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------- values and params

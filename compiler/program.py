@@ -1,0 +1,183 @@
+"""Compile a typed program into its two ONNX models: inference and training step.
+
+`compile_program` is the compiler's entry point. It lowers the layers twice from the same
+seed (inference, training), builds the training step around the training forward pass,
+simplifies both graphs, emits them, and checks them with the ONNX checker and strict shape
+inference.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from dsl import ast
+
+from . import __version__
+from .autodiff import grad
+from .emit import DEFAULT_IR_VERSION, DEFAULT_OPSET, to_onnx
+from .ir import Builder
+from .lower import BufferSpec, LayerInfo, LowerContext, Normalization, ParamSpec, error, lower_network
+from .simplify import simplify
+from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, clip_by_global_norm, data_loss, decayed_lr, \
+    regularization
+
+@dataclass(frozen=True)
+class StateSpec:
+    """An input of the training step that the step updates: optimiser slots, the step count, buffers."""
+
+    name: str
+    init: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainStepSpec:
+    params: tuple[ParamSpec, ...]
+    trainable: tuple[str, ...]
+    state: tuple[StateSpec, ...]
+    hyper: Mapping[str, float]            # scalar inputs and the program's values for them
+    x: str
+    y: str
+    noise: tuple[tuple[str, tuple], ...]  # dropout noise inputs, U(0, 1), per step
+    updates: Mapping[str, str]            # input name -> output name of its new value
+    loss: str = "loss"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    program: ast.Program
+    model: onnx.ModelProto
+    train_step: onnx.ModelProto
+    spec: TrainStepSpec
+    layers: tuple[LayerInfo, ...]
+    loss: str
+
+
+def resolve_loss(program: ast.Program) -> str:
+    out = program.output
+    loss = program.train.loss or DEFAULT_LOSS.get(out.kind)
+    allowed = LOSSES_FOR_OUTPUT.get(out.kind, ())
+    if loss not in allowed:
+        raise error(f"loss {loss} does not fit output {out.name}: {out.kind}; write `loss {allowed[0]}`"
+                    if allowed else f"`{out.kind}` outputs are not available yet", program.train.span, program)
+    return loss
+
+
+def _check_freeze(program: ast.Program) -> tuple[str, ...]:
+    names = {layer.name for layer in program.layers}
+    for name in program.train.freeze:
+        if name not in names:
+            raise error(f"freeze names '{name}', which is not a layer", program.train.spans.get("freeze"), program)
+    return program.train.freeze
+
+
+def _new_context(program: ast.Program, training: bool, dtype: str) -> LowerContext:
+    return LowerContext(Builder(dtype), program, training, np.random.default_rng(program.train.seed))
+
+
+def _input_shape(program: ast.Program) -> tuple:
+    return ("N", *program.input.shape)
+
+
+def metadata(program: ast.Program, classes: tuple[str, ...], source_hash: str | None) -> dict[str, str]:
+    return {"dlnc.version": __version__, "dlnc.model": program.name,
+            "dlnc.source_sha256": source_hash or "", "dlnc.output_kind": program.output.kind,
+            "dlnc.classes": json.dumps(list(classes)), "dlnc.input": program.input.name,
+            "dlnc.output": program.output.name}
+
+
+def build_inference(program: ast.Program, normalization: Normalization | None, dtype: str = "float32"):
+    """The exported model: raw input in, probabilities (or values) out, weights as initializers."""
+    ctx = _new_context(program, training=False, dtype=dtype)
+    x = ctx.b.input(program.input.name, _input_shape(program))
+    a = lower_network(ctx, x, normalization)
+    name = program.output.name
+    y = ctx.b.op("squeeze", a, axes=(1,), name=name) if program.output.kind == "binary" else \
+        ctx.b.op("identity", a, name=name)
+    return ctx, ctx.b.graph(program.name, [y])
+
+
+def build_train_step(program: ast.Program, normalization: Normalization | None, dtype: str = "float32"):
+    """The training step graph and the spec the runtime binds it by."""
+    loss_kind = resolve_loss(program)
+    frozen = _check_freeze(program)
+    ctx = _new_context(program, training=True, dtype=dtype)
+    b = ctx.b
+    x = b.input(program.input.name, _input_shape(program))
+    out = program.output
+    y_shape = ("N", out.size) if out.kind == "real" else ("N",)
+    y = b.input(out.name, y_shape, dtype="int64" if out.kind == "class" else dtype)
+    a = lower_network(ctx, x, normalization)
+    cost = data_loss(ctx, program.layers[-1], a, y, loss_kind)
+    if program.train.regularize is not None and any(p.regularized for p in ctx.params):
+        m = b.op("batch_count", x, dtype=dtype)
+        cost = b.add(cost, regularization(ctx, program.train.regularize, m))
+    cost = b.op("identity", cost, name="loss")
+
+    trainable = tuple(p.name for p in ctx.params if p.layer not in frozen)
+    grads = grad(b, cost, [ctx.param_values[n] for n in trainable]) if trainable else {}
+    if program.train.clip_norm is not None and grads:
+        grads = clip_by_global_norm(ctx, grads, program.train.clip_norm)
+
+    alpha = decayed_lr(ctx, program.train)
+    step = b.input("step", ())
+    t = b.add(step, b.scalar(1.0), name="new.step")
+    rule = OPTIMIZERS[program.train.optimizer.kind]
+    state = [StateSpec("step", np.zeros((), dtype=dtype))]
+    updates = {"step": t}
+    for name in trainable:
+        w = ctx.param_values[name]
+
+        def slot(role: str, w=w) -> str:
+            value = b.input(f"{w.name}.{role}", w.shape)
+            state.append(StateSpec(value.name, np.zeros(w.shape, dtype=dtype)))
+            return value
+
+        new_w, new_slots = rule(ctx, w, grads[name], alpha, t, slot)
+        updates[name] = new_w
+        updates.update(new_slots)
+    updates.update(ctx.buffer_updates)
+    state.extend(StateSpec(buf.name, buf.init) for buf in ctx.buffers)
+
+    outputs = [cost] + [b.op("identity", v, name=f"new.{k}") if k != "step" else v for k, v in updates.items()]
+    graph = simplify(b.graph(f"{program.name}_train_step", outputs))
+    spec = TrainStepSpec(
+        params=tuple(ctx.params), trainable=trainable, state=tuple(state),
+        hyper=dict(ctx.hyper_defaults), x=x.name, y=y.name,
+        noise=tuple((v.name, v.shape) for v in ctx.noise),
+        updates={k: f"new.{k}" for k in updates})
+    return ctx, graph, spec
+
+
+def check(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The ONNX checker with full_check and strict shape inference; returns the model."""
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    return model
+
+
+def compile_program(program: ast.Program, normalization: Normalization | None = None,
+                    classes: tuple[str, ...] = (), source_hash: str | None = None,
+                    opset: int = DEFAULT_OPSET, ir_version: int = DEFAULT_IR_VERSION) -> Compiled:
+    infer_ctx, infer_graph = build_inference(program, normalization)
+    initial = {p.name: p.init for p in infer_ctx.params} | {buf.name: buf.init for buf in infer_ctx.buffers}
+    meta = metadata(program, classes, source_hash)
+    model = check(to_onnx(simplify(infer_graph), initializers=initial, opset=opset, ir_version=ir_version,
+                          metadata=meta, doc=f"dlnc inference model for {program.name}"))
+    train_ctx, train_graph, spec = build_train_step(program, normalization)
+    train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,
+                               doc=f"dlnc training step for {program.name}"))
+    return Compiled(program, model, train_step, spec, tuple(infer_ctx.infos), resolve_loss(program))
+
+
+def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `arrays` hold those values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if tensor.name in arrays:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.asarray(arrays[tensor.name]), tensor.name))
+    return out
