@@ -51,6 +51,7 @@ class Compiled:
     program: ast.Program
     model: onnx.ModelProto
     train_step: onnx.ModelProto
+    evaluation: onnx.ModelProto           # the inference graph with weights as inputs
     spec: TrainStepSpec
     layers: tuple[LayerInfo, ...]
     loss: str
@@ -165,12 +166,14 @@ def compile_program(program: ast.Program, normalization: Normalization | None = 
     infer_ctx, infer_graph = build_inference(program, normalization)
     initial = {p.name: p.init for p in infer_ctx.params} | {buf.name: buf.init for buf in infer_ctx.buffers}
     meta = metadata(program, classes, source_hash)
-    model = check(to_onnx(simplify(infer_graph), initializers=initial, opset=opset, ir_version=ir_version,
+    infer_graph = simplify(infer_graph)
+    model = check(to_onnx(infer_graph, initializers=initial, opset=opset, ir_version=ir_version,
                           metadata=meta, doc=f"dlnc inference model for {program.name}"))
+    evaluation = to_onnx(infer_graph, opset=opset, ir_version=ir_version)
     train_ctx, train_graph, spec = build_train_step(program, normalization)
     train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,
                                doc=f"dlnc training step for {program.name}"))
-    return Compiled(program, model, train_step, spec, tuple(infer_ctx.infos), resolve_loss(program))
+    return Compiled(program, model, train_step, evaluation, spec, tuple(infer_ctx.infos), resolve_loss(program))
 
 
 def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
