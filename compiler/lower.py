@@ -219,11 +219,29 @@ LOWER_RULES: dict[type, Callable[[LowerContext, ast.Layer, Value], Value]] = {
 }
 
 
+def unavailable_feature(program: ast.Program) -> tuple[str, Span | None] | None:
+    """The first feature this version cannot compile ("convolutional layers"), and where it is."""
+    if program.input.kind != "float":
+        return f"`{program.input.kind}` inputs", program.input.span
+    if program.output.kind not in ("binary", "class", "real"):
+        return f"`{program.output.kind}` outputs", program.output.span
+    for layer in program.layers:
+        if type(layer) in NOT_YET:
+            return NOT_YET[type(layer)], layer.span
+    return None
+
+
+def check_available(program: ast.Program) -> None:
+    """A located 'not available yet' error for the first feature this version cannot compile."""
+    missing = unavailable_feature(program)
+    if missing is not None:
+        what, span = missing
+        raise error(f"{what} are not available yet in this version of dlnc; it compiles dense networks "
+                    f"(dense, flatten, dropout, batchnorm) with float inputs", span, program)
+
+
 def lower_layer(ctx: LowerContext, layer: ast.Layer, a: Value) -> Value:
     kind = type(layer)
-    if kind in NOT_YET:
-        raise error(f"{NOT_YET[kind]} are not available yet in this version of dlnc; "
-                    f"the dense layers (dense, flatten, dropout, batchnorm) are", layer.span, ctx.program)
     try:
         return LOWER_RULES[kind](ctx, layer, a)
     except ShapeError as exc:
@@ -233,12 +251,8 @@ def lower_layer(ctx: LowerContext, layer: ast.Layer, a: Value) -> Value:
 def check_output_layer(program: ast.Program, last: ast.Layer) -> None:
     """The last layer must agree with the output type; the message says what to write."""
     out = program.output
-    want = {"binary": (1, ("sigmoid",)), "class": (out.size, ("softmax",)),
-            "real": (out.size, ("linear", "relu", "leaky_relu", "tanh"))}.get(out.kind)
-    if want is None:
-        raise error(f"`{out.kind}` outputs are not available yet in this version of dlnc",
-                    out.span, program)
-    units, activations = want
+    units, activations = {"binary": (1, ("sigmoid",)), "class": (out.size, ("softmax",)),
+                          "real": (out.size, ("linear", "relu", "leaky_relu", "tanh"))}[out.kind]
     ok = isinstance(last, ast.Dense) and last.units == units and last.activation.kind in activations
     if not ok:
         found = (f"dense {last.units} {last.activation.kind}" if isinstance(last, ast.Dense)
@@ -261,9 +275,7 @@ def lower_input(ctx: LowerContext, x: Value, normalization: Normalization | None
 def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | None) -> Value:
     """All layers in order; returns the last layer's activation."""
     program = ctx.program
-    if program.input.kind != "float":
-        raise error(f"`{program.input.kind}` inputs are not available yet in this version of dlnc; "
-                    f"write `input {program.input.name}: float[...]`", program.input.span, program)
+    check_available(program)
     if not program.layers:
         raise error("the layers block is empty; write at least the output layer", program.span, program)
     check_output_layer(program, program.layers[-1])

@@ -51,7 +51,7 @@ class Compiled:
     program: ast.Program
     model: onnx.ModelProto
     train_step: onnx.ModelProto
-    evaluation: onnx.ModelProto           # the inference graph with weights as inputs
+    evaluation: onnx.ModelProto           # the inference graph with weights as inputs, and logits out
     spec: TrainStepSpec
     layers: tuple[LayerInfo, ...]
     loss: str
@@ -96,9 +96,11 @@ def build_inference(program: ast.Program, normalization: Normalization | None, d
     x = ctx.b.input(program.input.name, _input_shape(program))
     a = lower_network(ctx, x, normalization)
     name = program.output.name
-    y = ctx.b.op("squeeze", a, axes=(1,), name=name) if program.output.kind == "binary" else \
-        ctx.b.op("identity", a, name=name)
-    return ctx, ctx.b.graph(program.name, [y])
+    binary = program.output.kind == "binary"
+    y = ctx.b.op("squeeze", a, axes=(1,), name=name) if binary else ctx.b.op("identity", a, name=name)
+    z = ctx.pre_activation[program.layers[-1].name]
+    logits = ctx.b.op("squeeze", z, axes=(1,), name="logits") if binary else ctx.b.op("identity", z, name="logits")
+    return ctx, ctx.b.graph(program.name, [y]), ctx.b.graph(f"{program.name}_evaluation", [y, logits])
 
 
 def build_train_step(program: ast.Program, normalization: Normalization | None, dtype: str = "float32"):
@@ -163,13 +165,13 @@ def check(model: onnx.ModelProto) -> onnx.ModelProto:
 def compile_program(program: ast.Program, normalization: Normalization | None = None,
                     classes: tuple[str, ...] = (), source_hash: str | None = None,
                     opset: int = DEFAULT_OPSET, ir_version: int = DEFAULT_IR_VERSION) -> Compiled:
-    infer_ctx, infer_graph = build_inference(program, normalization)
+    infer_ctx, infer_graph, eval_graph = build_inference(program, normalization)
     initial = {p.name: p.init for p in infer_ctx.params} | {buf.name: buf.init for buf in infer_ctx.buffers}
     meta = metadata(program, classes, source_hash)
     infer_graph = simplify(infer_graph)
     model = check(to_onnx(infer_graph, initializers=initial, opset=opset, ir_version=ir_version,
                           metadata=meta, doc=f"dlnc inference model for {program.name}"))
-    evaluation = to_onnx(infer_graph, opset=opset, ir_version=ir_version)
+    evaluation = to_onnx(simplify(eval_graph), opset=opset, ir_version=ir_version)
     train_ctx, train_graph, spec = build_train_step(program, normalization)
     train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,
                                doc=f"dlnc training step for {program.name}"))

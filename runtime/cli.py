@@ -21,7 +21,7 @@ import numpy as np
 import dsl
 from compiler import __version__
 from compiler.emit import DEFAULT_IR_VERSION, DEFAULT_OPSET
-from compiler.lower import Normalization
+from compiler.lower import Normalization, check_available, unavailable_feature
 from compiler.program import Compiled, compile_program, with_weights
 from dsl import ast
 from dsl.errors import DlnError
@@ -79,6 +79,11 @@ def compile_with_data(program: ast.Program, splits: Splits | None, opset: int = 
 # ---------------------------------------------------------------- commands
 def cmd_check(args) -> int:
     program = load_program(args)
+    later = unavailable_feature(program)
+    if later is not None:
+        print(f"{args.file}: ok — model {program.name} parses and type-checks; compiling it needs a later "
+              f"version of dlnc ({later[0]})")
+        return EXIT_OK
     compiled = compile_program(program)
     params = sum(int(np.prod(p.init.shape)) for p in compiled.spec.params)
     print(f"{args.file}: ok — model {program.name}, {len(program.layers)} layers, {params} parameters")
@@ -103,6 +108,7 @@ def cmd_shapes(args) -> int:
 
 def cmd_compile(args) -> int:
     program = load_program(args)
+    check_available(program)
     splits = load_data(program) if program.data is not None else None
     compiled = compile_with_data(program, splits, args.opset, args.ir_version)
     out = Path(args.output)
@@ -124,6 +130,8 @@ def run_folder(args, program: ast.Program) -> Path:
 def cmd_run(args) -> int:
     from .trainer import train
     program = load_program(args)
+    check_available(program)
+    compile_program(program)                       # language and shape errors before any data is read
     splits = load_data(program)
     compiled = compile_with_data(program, splits)
     out = run_folder(args, program)

@@ -1,31 +1,31 @@
-"""Loss and error of a model's outputs against labels, computed in numpy.
+"""Loss and error of a model's outputs against labels, computed in numpy (float64).
 
 Outputs are what the exported model gives: probabilities of class 1 `(n,)` for binary,
-class probabilities `(n, C)` for class, values `(n, K)` for real. The loss is the data loss
-the training step minimises (without regularisation); the error is the misclassification
-rate, or the mean squared error for real outputs.
+class probabilities `(n, C)` for class, values `(n, K)` for real. Losses are computed from
+the last layer's pre-activation z (the logits) in the same stable forms the training step
+uses, without regularisation; the error is the misclassification rate, or the mean squared
+error for real outputs.
 """
 from __future__ import annotations
 
 import numpy as np
 
-TINY = 1e-12
+def cross_entropy(p: np.ndarray, z: np.ndarray, y: np.ndarray) -> float:
+    """−(1/m) Σ log softmax(z)[y], with log-sum-exp shifted by the maximum"""
+    z = z.astype(np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(len(y)), y.astype(np.int64)]))
 
 
-def cross_entropy(p: np.ndarray, y: np.ndarray) -> float:
-    """−(1/m) Σ log p[y]"""
-    picked = p[np.arange(len(y)), y.astype(np.int64)]
-    return float(-np.mean(np.log(np.clip(picked, TINY, 1.0))))
+def binary_cross_entropy(p: np.ndarray, z: np.ndarray, y: np.ndarray) -> float:
+    """(1/m) Σ max(z, 0) − z·y + log(1 + e^{−|z|}), the logit form of −(y log p + (1 − y) log(1 − p))"""
+    z = z.astype(np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
 
 
-def binary_cross_entropy(p: np.ndarray, y: np.ndarray) -> float:
-    """−(1/m) Σ y log p + (1 − y) log(1 − p)"""
-    p = np.clip(p, TINY, 1.0 - TINY)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
-
-
-def mean_squared_error(p: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean((p.reshape(y.shape) - y) ** 2))
+def mean_squared_error(p: np.ndarray, z: np.ndarray | None, y: np.ndarray) -> float:
+    return float(np.mean((p.astype(np.float64).reshape(y.shape) - y) ** 2))
 
 
 LOSS_FUNCTIONS = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
@@ -43,5 +43,5 @@ def predictions(output_kind: str, p: np.ndarray) -> np.ndarray:
 
 def error_rate(output_kind: str, p: np.ndarray, y: np.ndarray) -> float:
     if output_kind == "real":
-        return mean_squared_error(p, y)
+        return mean_squared_error(p, None, y)
     return float(np.mean(predictions(output_kind, p) != y.astype(np.int64)))

@@ -70,22 +70,24 @@ class Evaluator:
         self.program = compiled.program
         self.loss = LOSS_FUNCTIONS[compiled.loss]
 
-    def outputs(self, values: Mapping[str, ort.OrtValue], x: np.ndarray) -> np.ndarray:
+    def outputs(self, values: Mapping[str, ort.OrtValue], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's outputs and the last layer's logits for every example of x."""
         io = self.session.io_binding()
         for name in self.weight_names:
             io.bind_ortvalue_input(name, values[name])
         chunks = []
         for start in range(0, len(x), EVAL_CHUNK):
             io.bind_cpu_input(self.x_name, np.ascontiguousarray(x[start:start + EVAL_CHUNK]))
-            io.bind_output(self.session.get_outputs()[0].name)
+            for output in self.session.get_outputs():
+                io.bind_output(output.name)
             self.session.run_with_iobinding(io)
-            chunks.append(io.copy_outputs_to_cpu()[0])
-        return np.concatenate(chunks)
+            chunks.append(io.copy_outputs_to_cpu())
+        return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
     def metrics(self, values: Mapping[str, ort.OrtValue], data: Dataset) -> SplitMetrics:
-        p = self.outputs(values, data.x)
+        p, z = self.outputs(values, data.x)
         kind = self.program.output.kind
-        return SplitMetrics(self.loss(p, data.y), error_rate(kind, p, data.y), len(data))
+        return SplitMetrics(self.loss(p, z, data.y), error_rate(kind, p, data.y), len(data))
 
 
 def named_splits(splits: Splits) -> dict[str, Dataset]:
