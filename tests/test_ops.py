@@ -68,6 +68,7 @@ CASES = [
     Case("reduce_mean", (("N", 4),), {"axes": (0,), "keepdims": True}, id="reduce_mean-batch"),
     Case("reduce_mean", ((3, 4),), {"axes": (1,), "keepdims": False}, id="reduce_mean-1"),
     Case("unsqueeze", ((3, 4),), {"axes": (1,)}),
+    Case("squeeze", ((3, 1),), {"axes": (1,)}),
     Case("reshape_as", ((3, 4),), extra=(np.zeros((2, 6)),)),
     Case("expand_as", ((1, 4),), extra=(np.zeros((3, 4)),)),
     Case("flatten", ((3, 2, 2),)),

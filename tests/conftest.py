@@ -1,0 +1,34 @@
+"""Shared fixtures: the examples folder and an in-process `dlnc` that captures its output."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runtime.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def dlnc(capsys):
+    """Run the command line in-process: dlnc("run", "m.dln", ...) -> Result(code, out, err)."""
+    def run(*argv: str) -> Result:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+    return run
+
+
+def with_epochs(text: str, epochs: int) -> str:
+    """The program text with its `epochs` statement replaced (a short schedule for tests)."""
+    return re.sub(r"\bepochs\s+\d+", f"epochs {epochs}", text)
