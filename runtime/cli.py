@@ -22,7 +22,7 @@ import dsl
 from compiler import __version__
 from compiler.emit import DEFAULT_IR_VERSION, DEFAULT_OPSET
 from compiler.lower import Normalization, check_available, unavailable_feature
-from compiler.program import Compiled, compile_program, with_weights
+from compiler.program import Compiled, check_program, compile_program, with_weights
 from dsl import ast
 from dsl.errors import DlnError
 
@@ -84,7 +84,7 @@ def cmd_check(args) -> int:
         print(f"{args.file}: ok — model {program.name} parses and type-checks; compiling it needs a later "
               f"version of dlnc ({later[0]})")
         return EXIT_OK
-    compiled = compile_program(program)
+    compiled = check_program(program)
     params = sum(int(np.prod(p.init.shape)) for p in compiled.spec.params)
     print(f"{args.file}: ok — model {program.name}, {len(program.layers)} layers, {params} parameters")
     return EXIT_OK

@@ -15,12 +15,15 @@ from typing import Mapping
 import pytest
 
 import dsl
+from compiler.program import check_program
 from dsl import DlnError
 
 
 def check_text(text: str, path: str, overrides: Mapping[str, str] | None = None):
     """Everything `dlnc check` does to a program; raises `DlnError` on the first problem."""
-    return dsl.load(text, path=path, overrides=overrides)
+    program = dsl.load(text, path=path, overrides=overrides)
+    check_program(program)
+    return program
 
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "errors"
