@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from compiler.program import Compiled
+from dsl.errors import DlnError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -26,6 +27,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(model_bytes: bytes, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DlnError("--device cuda needs ONNX Runtime's CUDA provider, which this installation lacks; "
+                       "install onnxruntime-gpu in place of onnxruntime, or run with --device cpu")
     return ort.InferenceSession(model_bytes, session_options(threads), providers=PROVIDERS[device])
 
 

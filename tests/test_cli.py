@@ -188,3 +188,12 @@ def test_installed_console_script_finds_its_grammar_from_any_folder(tmp_path):
     broken = subprocess.run([str(script), "check", str(write(tmp_path, "model x\ninput", "bad.dln"))],
                             cwd="/", capture_output=True, text=True)
     assert broken.returncode == 2 and "bad.dln:2:" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_cuda_without_the_cuda_provider_is_a_clear_error(tmp_path, dlnc):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.xfail("this machine has the CUDA provider; the error path cannot be reached")
+    result = dlnc("run", write(tmp_path, TINY), "-o", tmp_path / "run", "--device", "cuda")
+    assert result.code == 2 and "onnxruntime-gpu" in result.err
+    assert not (tmp_path / "run").exists()
