@@ -56,7 +56,8 @@ class StepRunner:
         self.current = 0                                        # the set that holds the latest values
 
     def _ortvalue(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), *self.device)
+        # ortvalue_from_numpy wraps CPU memory without copying: give each OrtValue its own buffer
+        return ort.OrtValue.ortvalue_from_numpy(np.array(array, order="C", copy=True), *self.device)
 
     def _bind(self, src: int, dst: int) -> ort.IOBinding:
         io = self.session.io_binding()

@@ -1,0 +1,316 @@
+"""Training parity with PyTorch: the compiled training step against the same model in torch.
+
+Each case compiles a .dln program, builds the identical torch model from the compiler's own
+initial parameters, and trains both for a fixed number of steps on the same seeded synthetic
+mini-batch sequence (a fresh permutation per epoch). The cost J of every step (computed with
+the weights before the update) and the final parameters must agree, measured per tensor as
+max|a − b| / max|b|. The torch side follows the documented semantics: BCEWithLogitsLoss /
+CrossEntropyLoss (mean) + λ/(2m)·Σ‖W‖², SGD, SGD(momentum=β, lr=α(1−β)), RMSprop(alpha=β₂),
+Adam, a manual per-epoch learning rate for lr_decay, clip_grad_norm_, and BatchNorm1d.
+
+Run with `-s` to see the largest relative differences observed per optimiser.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import dsl
+from compiler.program import compile_program
+from dsl import ast
+from runtime.session import StepRunner
+
+# ---------------------------------------------------------------- tolerances and sizes
+TOLERANCE = {"sgd": 1e-4, "momentum": 1e-4, "rmsprop": 1e-3, "adam": 1e-3}
+STEPS = 50
+EXAMPLES = 60          # with mini-batches of 16 the last batch of each epoch has 12 (tests m per batch)
+FEATURES = 6
+MINI_BATCH = 16
+
+NETWORKS = {
+    "logistic": ("binary", "dense 1 sigmoid"),
+    "shallow": ("binary", "dense 4 tanh; dense 1 sigmoid"),
+    "deep": ("class[3]", "dense 16 relu; dense 8 leaky_relu; dense 8 leaky_relu(0.2); dense 6 tanh; "
+                         "dense 3 softmax"),
+}
+OPTIMIZERS = {
+    "sgd": "sgd lr=0.1",
+    "momentum": "momentum lr=0.1 beta=0.9",
+    # rmsprop's step g/√s has size ~α whatever |g|: once a parameter reaches its optimum (g ≈ 0) it
+    # oscillates with the sign of rounding noise, so α stays small enough not to get there in STEPS.
+    "rmsprop": "rmsprop lr=0.002 beta2=0.99 eps=1e-8",
+    "adam": "adam lr=0.01 beta1=0.9 beta2=0.999 eps=1e-8",
+}
+REGULARIZATION = {"none": "", "l2": "regularize l2 lambda=0.05"}
+
+OBSERVED: dict[str, float] = defaultdict(float)   # optimiser -> largest relative difference seen
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_observed():
+    yield
+    print("\nlargest relative differences vs torch:")
+    for name, value in sorted(OBSERVED.items()):
+        print(f"  {name:10s} {value:.3e}")
+
+
+# ---------------------------------------------------------------- programs and data
+def program_text(output: str, layers: str, optimizer: str, batch_size, train_extra: str = "") -> str:
+    return (f"model parity\ninput x: float[{FEATURES}]\noutput y: {output}\nlayers {{ {layers} }}\n"
+            f"train {{ optimizer {optimizer}; batch_size {batch_size}; epochs 100; seed 3\n{train_extra}\n}}\n")
+
+
+def synthetic_data(kind: str, classes: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian features; labels from a fixed random linear rule with a little noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(EXAMPLES, FEATURES)).astype(np.float32)
+    if kind == "binary":
+        score = x @ rng.normal(size=FEATURES) + 0.5 * rng.normal(size=EXAMPLES)
+        return x, (score > 0).astype(np.float32)
+    scores = x @ rng.normal(size=(FEATURES, classes)) + 0.5 * rng.normal(size=(EXAMPLES, classes))
+    return x, scores.argmax(axis=1).astype(np.int64)
+
+
+def batch_schedule(batch_size: int, steps: int, seed: int = 1):
+    """(epoch, indices) for each step: a seeded permutation per epoch, cut into mini-batches."""
+    rng = np.random.default_rng(seed)
+    schedule, epoch = [], 0
+    while len(schedule) < steps:
+        order = rng.permutation(EXAMPLES)
+        schedule += [(epoch, order[i:i + batch_size]) for i in range(0, EXAMPLES, batch_size)]
+        epoch += 1
+    return schedule[:steps]
+
+
+# ---------------------------------------------------------------- the torch reference
+TORCH_ACTIVATIONS = {"linear": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+
+
+def torch_activation(act: ast.Activation) -> nn.Module:
+    return nn.LeakyReLU(act.alpha) if act.kind == "leaky_relu" else TORCH_ACTIVATIONS[act.kind]()
+
+
+class TorchNet:
+    """The program's layers as torch modules returning the last layer's logits (the output
+    activation is fused into the loss), with `params` keyed by the dlnc parameter names."""
+
+    def __init__(self, compiled):
+        init = {p.name: torch.tensor(p.init) for p in compiled.spec.params}
+        self.regularized = [p.name for p in compiled.spec.params if p.regularized]
+        self.output = compiled.program.output.kind
+        self.params: dict[str, nn.Parameter] = {}
+        self.batchnorms: dict[str, nn.BatchNorm1d] = {}
+        layers, modules = compiled.program.layers, []
+        for i, layer in enumerate(layers):
+            if isinstance(layer, ast.Dense):
+                w = init[f"{layer.name}.W"]
+                module = nn.Linear(w.shape[1], w.shape[0])
+                self._bind(module, layer.name, init, weight="W", bias="b")
+                modules.append(module)
+                if i < len(layers) - 1:
+                    modules.append(torch_activation(layer.activation))
+            elif isinstance(layer, ast.BatchNorm):
+                gamma = init[f"{layer.name}.gamma"]
+                module = nn.BatchNorm1d(gamma.shape[0], momentum=1.0 - layer.momentum, eps=layer.eps)
+                self._bind(module, layer.name, init, weight="gamma", bias="beta")
+                self.batchnorms[layer.name] = module
+                modules.append(module)
+            else:
+                raise NotImplementedError(type(layer).__name__)
+        self.model = nn.Sequential(*modules).train()
+
+    def _bind(self, module: nn.Module, layer: str, init, weight: str, bias: str) -> None:
+        with torch.no_grad():
+            module.weight.copy_(init[f"{layer}.{weight}"])
+            module.bias.copy_(init[f"{layer}.{bias}"])
+        self.params[f"{layer}.{weight}"], self.params[f"{layer}.{bias}"] = module.weight, module.bias
+
+    def cost(self, x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+        z = self.model(x)
+        loss = (F.binary_cross_entropy_with_logits(z.squeeze(1), y) if self.output == "binary"
+                else F.cross_entropy(z, y))
+        if lam:
+            loss = loss + lam / (2 * x.shape[0]) * sum((self.params[n] ** 2).sum() for n in self.regularized)
+        return loss
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {name: p.detach().numpy().copy() for name, p in self.params.items()}
+        for name, bn in self.batchnorms.items():
+            out[f"{name}.running_mean"] = bn.running_mean.numpy().copy()
+            out[f"{name}.running_var"] = bn.running_var.numpy().copy()
+        return out
+
+
+def torch_optimizer(opt: ast.Optimizer, params) -> tuple[torch.optim.Optimizer, float]:
+    """The torch optimiser for dlnc's and the factor from dlnc's α to torch's lr."""
+    if opt.kind == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr), 1.0
+    if opt.kind == "momentum":   # torch's buffer is dlnc's v / (1 − β)
+        return torch.optim.SGD(params, lr=opt.lr * (1 - opt.beta), momentum=opt.beta), 1 - opt.beta
+    if opt.kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=opt.lr, alpha=opt.beta2, eps=opt.eps), 1.0
+    return torch.optim.Adam(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps), 1.0
+
+
+def decayed(train: ast.Train, epoch: int) -> float:
+    lr, decay = train.optimizer.lr, train.lr_decay
+    if decay is None:
+        return lr
+    if decay.kind == "inverse":
+        return lr / (1 + decay.rate * epoch)
+    if decay.kind == "exponential":
+        return lr * decay.rate ** epoch
+    return lr * decay.factor ** math.floor(epoch / decay.every)
+
+
+# ---------------------------------------------------------------- running both
+def train_both(text: str, batch_size: int | None, steps: int = STEPS):
+    """Train dlnc and torch side by side; returns their loss sequences, final arrays and the
+    global gradient norms torch saw (before clipping)."""
+    compiled = compile_program(dsl.load(text))
+    program, spec = compiled.program, compiled.spec
+    x, y = synthetic_data(program.output.kind, program.output.size)
+    net, runner = TorchNet(compiled), StepRunner(compiled)     # torch copies the inits first
+    optimizer, lr_scale = torch_optimizer(program.train.optimizer, list(net.params.values()))
+    reg = program.train.regularize
+    lam = reg.lam if reg is not None else 0.0
+    clip = program.train.clip_norm
+    dlnc_losses, torch_losses, norms = [], [], []
+    for epoch, idx in batch_schedule(batch_size or EXAMPLES, steps):
+        runner.set_hyper({"epoch": float(epoch)})
+        for group in optimizer.param_groups:
+            group["lr"] = decayed(program.train, epoch) * lr_scale
+        dlnc_losses.append(runner.step({spec.x: x[idx], spec.y: y[idx]}))
+        optimizer.zero_grad()
+        loss = net.cost(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]), lam)
+        loss.backward()
+        if clip is not None:
+            norms.append(float(nn.utils.clip_grad_norm_(list(net.params.values()), clip)))
+        optimizer.step()
+        torch_losses.append(float(loss.detach()))
+    return (np.array(dlnc_losses), np.array(torch_losses), runner.arrays(), net.arrays(), norms)
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a − b| / max|b| (the absolute difference when b is all zeros)."""
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
+
+
+def assert_parity(result, tolerance: float, label: str) -> None:
+    dlnc_losses, torch_losses, dlnc_arrays, torch_arrays, _ = result
+    assert np.all(np.isfinite(dlnc_losses)) and np.all(np.isfinite(torch_losses))
+    diffs = {"loss": relative(dlnc_losses, torch_losses)}
+    for name, expected in torch_arrays.items():
+        assert dlnc_arrays[name].shape == expected.shape, name
+        diffs[name] = relative(dlnc_arrays[name], expected)
+    OBSERVED[label] = max(OBSERVED[label], *diffs.values())
+    bad = {k: f"{v:.2e}" for k, v in diffs.items() if not v <= tolerance}
+    assert not bad, f"relative differences above {tolerance:g}: {bad}"
+
+
+def assert_trained(result) -> None:
+    """The run did something: the loss moved (so parity is not trivially between two idle runs)."""
+    losses = result[1]
+    assert losses[-1] < losses[0], (losses[0], losses[-1])
+
+
+# ---------------------------------------------------------------- 1. networks × optimisers × reg × batch
+@pytest.mark.parametrize("batch", ["full", MINI_BATCH])
+@pytest.mark.parametrize("reg", list(REGULARIZATION))
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_parity(network, opt, reg, batch):
+    output, layers = NETWORKS[network]
+    text = program_text(output, layers, OPTIMIZERS[opt], batch, REGULARIZATION[reg])
+    result = train_both(text, None if batch == "full" else batch)
+    assert_parity(result, TOLERANCE[opt], opt)
+    assert_trained(result)
+
+
+def test_l2_term_is_in_the_cost():
+    """With the same weights, the l2 program's first cost exceeds the plain one by λ/(2m)·Σ‖W‖²."""
+    output, layers = NETWORKS["deep"]
+    plain = compile_program(dsl.load(program_text(output, layers, "sgd lr=0.1", "full")))
+    l2 = compile_program(dsl.load(program_text(output, layers, "sgd lr=0.1", "full", "regularize l2 lambda=0.05")))
+    x, y = synthetic_data("class", 3)
+    j_plain = StepRunner(plain).step({"x": x[:12], "y": y[:12]})
+    j_l2 = StepRunner(l2).step({"x": x[:12], "y": y[:12]})
+    penalty = sum(float((p.init.astype(np.float64) ** 2).sum()) for p in l2.spec.params if p.regularized)
+    assert j_l2 - j_plain == pytest.approx(0.05 / (2 * 12) * penalty, rel=1e-4)
+
+
+def test_runner_keeps_its_own_copy_of_the_initial_values():
+    """Training must not write through to `compiled.spec` (the initial values), and a second
+    runner on the same compiled program starts where the first one did."""
+    output, layers = NETWORKS["shallow"]
+    compiled = compile_program(dsl.load(program_text(output, layers, OPTIMIZERS["adam"], "full")))
+    before = {p.name: p.init.copy() for p in compiled.spec.params}
+    x, y = synthetic_data("binary")
+    first = StepRunner(compiled)
+    j0 = first.step({"x": x, "y": y})
+    first.step({"x": x, "y": y})
+    for p in compiled.spec.params:
+        np.testing.assert_array_equal(p.init, before[p.name], err_msg=p.name)
+    assert StepRunner(compiled).step({"x": x, "y": y}) == j0
+
+
+# ---------------------------------------------------------------- 2. learning-rate decay by epoch
+DECAYS = {
+    "inverse": "lr_decay inverse rate=0.5",
+    "exponential": "lr_decay exponential rate=0.8",
+    "step": "lr_decay step every=3 factor=0.5",
+}
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("decay", list(DECAYS))
+def test_lr_decay(decay, opt):
+    output, layers = NETWORKS["shallow"]
+    text = program_text(output, layers, OPTIMIZERS[opt], MINI_BATCH, DECAYS[decay])
+    assert_parity(train_both(text, MINI_BATCH), TOLERANCE[opt], opt)
+
+
+def test_lr_decay_changes_training():
+    """The epoch input is live: the decayed run ends elsewhere than the undecayed one."""
+    output, layers = NETWORKS["shallow"]
+    plain = train_both(program_text(output, layers, OPTIMIZERS["sgd"], MINI_BATCH), MINI_BATCH)
+    decayed_run = train_both(program_text(output, layers, OPTIMIZERS["sgd"], MINI_BATCH, DECAYS["exponential"]),
+                             MINI_BATCH)
+    assert relative(decayed_run[2]["dense_1.W"], plain[2]["dense_1.W"]) > 1e-2
+
+
+# ---------------------------------------------------------------- 3. global-norm clipping
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("clip", [0.05, 0.5])
+def test_clip_norm(clip, opt):
+    output, layers = NETWORKS["deep"]
+    text = program_text(output, layers, OPTIMIZERS[opt], MINI_BATCH, f"clip_norm {clip}")
+    result = train_both(text, MINI_BATCH)
+    norms = result[4]
+    assert any(n > clip for n in norms), "clipping never engaged; the case tests nothing"
+    assert_parity(result, TOLERANCE[opt], opt)
+
+
+# ---------------------------------------------------------------- 4. batchnorm
+BATCHNORM_NETWORKS = {
+    "after-relu": ("class[3]", "dense 8 relu; batchnorm; dense 3 softmax"),
+    "options": ("binary", "dense 8 tanh; batchnorm momentum=0.8 eps=1e-3; dense 4 relu; batchnorm; dense 1 sigmoid"),
+}
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("batch", ["full", MINI_BATCH])
+@pytest.mark.parametrize("network", list(BATCHNORM_NETWORKS))
+def test_batchnorm(network, batch, opt):
+    output, layers = BATCHNORM_NETWORKS[network]
+    text = program_text(output, layers, OPTIMIZERS[opt], batch, "regularize l2 lambda=0.02")
+    result = train_both(text, None if batch == "full" else batch)
+    dlnc_arrays = result[2]
+    assert any(name.endswith(".running_var") for name in dlnc_arrays)
+    assert_parity(result, TOLERANCE[opt], opt)
