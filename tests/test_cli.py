@@ -185,7 +185,7 @@ def test_installed_console_script_finds_its_grammar_from_any_folder(tmp_path):
     done = subprocess.run([str(script), "check", str(path)], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr
-    broken = subprocess.run([str(script), "check", str(write(tmp_path, "model x\ninput", "bad.dln"))],
+    broken = subprocess.run([str(script), "check", str(write(tmp_path, "model x\ninput x: float[64\n", "bad.dln"))],
                             cwd="/", capture_output=True, text=True)
     assert broken.returncode == 2 and "bad.dln:2:" in broken.stderr and "Traceback" not in broken.stderr
 
