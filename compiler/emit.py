@@ -1,7 +1,13 @@
 """ONNX emission: one rule per IR op, and the graph-to-ModelProto conversion.
 
-Only standard `ai.onnx` ops are emitted. Rules that depend on the opset (ReduceMean's axes
-became an input in opset 18) ask `ctx.opset`.
+Only standard `ai.onnx` ops are emitted, at any opset from 13 (`MIN_OPSET`) to the newest the
+installed onnx knows. Rules that depend on the opset ask `ctx.opset`, inside that op's one rule.
+What changed across those opsets for the ops emitted here:
+- ReduceSum takes its axes as an input from 13; ReduceMean, ReduceMax, ... from 18 (`_reduce`).
+- Squeeze and Unsqueeze take their axes as an input from 13 on (no switch needed from 13).
+- Softmax and LogSoftmax work on one axis from 13 on (the older ones flattened the trailing axes).
+- Later versions (Identity 21, Squeeze 23, Flatten 21, Reshape 21, ...) only widen the types.
+The IR version defaults to 8 or the oldest that can carry the opset, whichever is newer.
 """
 from __future__ import annotations
 
@@ -12,12 +18,44 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from dsl.errors import DlnError
+
+from . import __version__
 from .ir import Graph, Node, Value
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE,
                "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
 DEFAULT_OPSET = 17
 DEFAULT_IR_VERSION = 8
+MIN_OPSET = 13            # Softmax on one axis; Squeeze, Unsqueeze and ReduceSum axes as inputs
+
+
+def newest_opset() -> int:
+    """The newest `ai.onnx` opset the installed onnx package knows."""
+    return onnx.defs.onnx_opset_version()
+
+
+def min_ir_version(opset: int) -> int:
+    """The oldest ONNX IR version that can carry `opset`."""
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True)
+
+
+def resolve_target(opset: int, ir_version: int | None = None) -> tuple[int, int]:
+    """(opset, IR version) checked; a missing IR version is 8 or the oldest for `opset`."""
+    newest = newest_opset()
+    if not MIN_OPSET <= opset <= newest:
+        raise DlnError(f"--opset {opset} is not available: dlnc emits ONNX opsets {MIN_OPSET} to {newest} "
+                       f"(the newest the installed onnx {onnx.__version__} knows)")
+    oldest = min_ir_version(opset)
+    if ir_version is None:
+        return opset, max(DEFAULT_IR_VERSION, oldest)
+    if ir_version > onnx.IR_VERSION:
+        raise DlnError(f"--ir-version {ir_version} is newer than the installed onnx {onnx.__version__} "
+                       f"writes (IR version {onnx.IR_VERSION} at most)")
+    if ir_version < oldest:
+        raise DlnError(f"--ir-version {ir_version} cannot carry opset {opset}: write --ir-version {oldest} "
+                       f"or later, or leave it out")
+    return opset, ir_version
 
 
 @dataclass
@@ -27,6 +65,7 @@ class EmitContext:
     opset: int
     nodes: list = field(default_factory=list)
     initializers: dict = field(default_factory=dict)
+    producers: Mapping[str, Node] = field(default_factory=dict)   # IR value name -> the node making it
 
     def node(self, op_type: str, inputs: list[str], output: str, **attrs) -> str:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
@@ -200,17 +239,315 @@ def emit_mse(ctx, node):
     _reduce(ctx, "ReduceMean", ctx.node("Mul", [diff, diff], f"{out}.square"), None, False, out)
 
 
+# ---------------------------------------------------------------- convolution and pooling
+def _window_attrs(node: Node) -> dict:
+    return {"kernel_shape": list(node.attr("kernel")), "strides": list(node.attr("strides"))}
+
+
+@emit("conv")
+def emit_conv(ctx, node):
+    w = node.inputs[1]
+    ctx.node("Conv", _names(node), node.output.name, kernel_shape=list(w.shape[2:]),
+             strides=list(node.attr("strides")), pads=list(node.attr("pads")))
+
+
+@emit("conv_transpose")
+def emit_conv_transpose(ctx, node):
+    w = node.inputs[1]
+    ctx.node("ConvTranspose", _names(node), node.output.name, kernel_shape=list(w.shape[2:]),
+             strides=list(node.attr("strides")), pads=list(node.attr("pads")),
+             output_padding=list(node.attr("output_padding", (0, 0))))
+
+
+@emit("conv_filter_grad")
+def emit_conv_filter_grad(ctx, node):
+    # dw[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·s + i, q·s + j]: a convolution of xᵀ (C, N, H, W)
+    # with gᵀ (F, N, Ho, Wo) as filters dilated by the stride, giving (C, F, kh, kw), transposed back.
+    # The rows after the last window (r = (H + p − kh) mod s) are left out: first from the end
+    # padding, then cropped from x, so the output is exactly kh × kw.
+    x, g = node.inputs
+    out = node.output.name
+    (sh, sw), (top, left, bottom, right) = node.attr("strides"), node.attr("pads")
+    (kh, kw), (h, w) = node.attr("kernel"), (int(x.shape[2]), int(x.shape[3]))
+    extra_h, extra_w = (h + top + bottom - kh) % sh, (w + left + right - kw) % sw
+    crop_h, crop_w = max(extra_h - bottom, 0), max(extra_w - right, 0)
+    source = x.name
+    if crop_h or crop_w:
+        source = ctx.node("Slice", [x.name, ctx.const(np.asarray([0, 0], np.int64), f"const.{out}.starts"),
+                                    ctx.const(np.asarray([h - crop_h, w - crop_w], np.int64), f"const.{out}.ends"),
+                                    ctx.axes([2, 3], f"{out}.crop")], f"{out}.cropped")
+    xt = ctx.node("Transpose", [source], f"{out}.xT", perm=[1, 0, 2, 3])
+    gt = ctx.node("Transpose", [g.name], f"{out}.gT", perm=[1, 0, 2, 3])
+    pads = [top, left, bottom - (extra_h - crop_h), right - (extra_w - crop_w)]
+    grad_t = ctx.node("Conv", [xt, gt], f"{out}.T", kernel_shape=[int(d) for d in g.shape[2:]],
+                      dilations=[sh, sw], strides=[1, 1], pads=pads)
+    ctx.node("Transpose", [grad_t], out, perm=[1, 0, 2, 3])
+
+
+@emit("maxpool")
+def emit_maxpool(ctx, node):
+    ctx.node("MaxPool", _names(node), node.output.name, **_window_attrs(node))
+
+
+@emit("maxpool_argmax")
+def emit_maxpool_argmax(ctx, node):
+    # MaxPool's second output: indices into x flattened whole ((n·C + c)·H + h)·W + w. At unit stride
+    # onnx.reference computes those indices wrongly (onnx 1.23 _op_common_pool), so stride (1, 1)
+    # takes the windows apart with Gather and ArgMax instead.
+    out = node.output.name
+    if tuple(node.attr("strides")) == (1, 1):
+        _argmax_by_windows(ctx, node)
+    else:
+        ctx.nodes.append(helper.make_node("MaxPool", _names(node), [f"{out}.values", out], name=out,
+                                          **_window_attrs(node)))
+
+
+def _argmax_by_windows(ctx: EmitContext, node: Node) -> str:
+    """argmax = (n·C + c)·H·W + base[p, q] + ⌊o / kw⌋·W + o mod kw, with o the first maximum's offset
+    in the window at (p, q), found by ArgMax over the windows gathered as (N, C, Ho·Wo, kh·kw)."""
+    (x,), out = node.inputs, node.output.name
+    (kh, kw), (sh, sw) = node.attr("kernel"), node.attr("strides")
+    _, channels, h, w = x.shape
+    ho, wo = node.output.shape[2:]
+    base = ((np.arange(ho) * sh * w)[:, None] + np.arange(wo) * sw).reshape(-1)          # (Ho·Wo,)
+    offsets = ((np.arange(kh) * w)[:, None] + np.arange(kw)).reshape(-1)                 # (kh·kw,)
+    table = (base[:, None] + offsets).astype(np.int64)
+    i64 = lambda a, hint: ctx.const(np.asarray(a, dtype=np.int64), f"const.{out}.{hint}")
+    pixels = ctx.node("Reshape", [x.name, i64([0, 0, -1], "pixels_shape")], f"{out}.pixels")
+    windows = ctx.node("Gather", [pixels, i64(table, "windows")], f"{out}.windows", axis=2)
+    o = ctx.node("ArgMax", [windows], f"{out}.offset", axis=3, keepdims=0, select_last_index=0)
+    row = ctx.node("Mul", [ctx.node("Div", [o, i64(kw, "kw")], f"{out}.i"), i64(w, "width")], f"{out}.row")
+    spatial = ctx.node("Add", [ctx.node("Add", [row, ctx.node("Mod", [o, i64(kw, "kw")], f"{out}.j")],
+                                        f"{out}.in_window"), i64(base, "base")], f"{out}.spatial")
+    # (n·C + c)·H·W for every image and channel: Range over N·C, with N read at run time
+    batch = ctx.node("Gather", [ctx.node("Shape", [x.name], f"{out}.shape"), i64(0, "zero")], f"{out}.n")
+    planes = ctx.node("Range", [i64(0, "zero"), ctx.node("Mul", [batch, i64(channels, "channels")],
+                                                          f"{out}.planes_count"), i64(1, "one")], f"{out}.planes")
+    plane_start = ctx.node("Mul", [ctx.node("Reshape", [planes, i64([-1, channels, 1], "planes_shape")],
+                                            f"{out}.planes_nc"), i64(h * w, "plane_size")], f"{out}.plane_start")
+    flat = ctx.node("Add", [spatial, plane_start], f"{out}.flat")
+    return ctx.node("Reshape", [flat, i64([-1, channels, ho, wo], "shape")], out)
+
+
+@emit("avgpool")
+def emit_avgpool(ctx, node):
+    ctx.node("AveragePool", _names(node), node.output.name, **_window_attrs(node))
+
+
+@emit("avgpool_transpose")
+def emit_avgpool_transpose(ctx, node):
+    # a ConvTranspose per channel (group = C) with every filter weight 1/(kh·kw)
+    (g,) = node.inputs
+    out = node.output.name
+    (kh, kw), (sh, sw), (h, w) = node.attr("kernel"), node.attr("strides"), node.attr("input_size")
+    channels = int(g.shape[1])
+    weights = ctx.const(np.full((channels, 1, kh, kw), 1.0 / (kh * kw), dtype=np.dtype(g.dtype)),
+                        f"const.{out}.weights")
+    ctx.node("ConvTranspose", [g.name, weights], out, group=channels, **_window_attrs(node),
+             output_padding=[(h - kh) % sh, (w - kw) % sw])
+
+
+_FLAT = np.asarray([-1], dtype=np.int64)
+
+
+@emit("take")
+def emit_take(ctx, node):
+    x, indices = node.inputs
+    out = node.output.name
+    flat = ctx.node("Reshape", [x.name, ctx.const(_FLAT, "const.flat")], f"{out}.flat")
+    ctx.node("Gather", [flat, indices.name], out, axis=0)
+
+
+@emit("scatter_add")
+def emit_scatter_add(ctx, node):
+    # zeros of like's size, flat; ScatterElements with reduction=add (opset ≥ 16); reshaped like `like`
+    if ctx.opset < 16:
+        argmax = ctx.producers.get(node.inputs[1].name)
+        if argmax is not None and argmax.op == "maxpool_argmax":
+            return _scatter_to_windows(ctx, node, argmax)
+        raise DlnError(f"--opset {ctx.opset} cannot carry scatter_add, which needs ScatterElements with "
+                       f"reduction=add (opset 16 or later); write --opset 16 or later")
+    x, indices, like = node.inputs
+    out = node.output.name
+    flat_shape = ctx.const(_FLAT, "const.flat")
+    shape = _shape_of(ctx, like, out)
+    zero = helper.make_tensor("zero", ONNX_DTYPES[x.dtype], [1], [0.0])
+    zeros = ctx.node("Reshape", [ctx.node("ConstantOfShape", [shape], f"{out}.zeros", value=zero), flat_shape],
+                     f"{out}.zeros_flat")
+    flat_indices = ctx.node("Reshape", [indices.name, flat_shape], f"{out}.indices_flat")
+    flat_x = ctx.node("Reshape", [x.name, flat_shape], f"{out}.updates_flat")
+    summed = ctx.node("ScatterElements", [zeros, flat_indices, flat_x], f"{out}.flat", axis=0, reduction="add")
+    ctx.node("Reshape", [summed, shape], out)
+
+
+def _scatter_to_windows(ctx: EmitContext, node: Node, argmax: Node) -> str:
+    """scatter_add of max pooling's gradient before opset 16, by window offsets.
+
+    The index i of each window's maximum is an offset k = (row − p·sh)·kw + (col − q·sw) inside
+    its window (p, q); g is spread over kh·kw channels by one_hot(k), and a ConvTranspose whose
+    kernel k is 1 at offset k alone puts each value back at its pixel, adding where windows
+    overlap: dx = Σ_k ConvTranspose(g · [k == offset], e_k), with each (example, channel) pair as
+    one image (no `group`, which onnx.reference gets wrong when a group has several inputs).
+    """
+    g, indices, like = node.inputs
+    out, dtype = node.output.name, ONNX_DTYPES[g.dtype]
+    (kh, kw), (sh, sw) = argmax.attr("kernel"), argmax.attr("strides")
+    channels, height, width = (int(d) for d in like.shape[1:])
+    rows_out, cols_out = (int(d) for d in g.shape[2:])
+    windows = kh * kw
+    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
+    flat = indices.name
+    row = ctx.node("Mod", [ctx.node("Div", [flat, i64(width, "width")], f"{out}.flat_row"), i64(height, "height")],
+                   f"{out}.row")
+    col = ctx.node("Mod", [flat, i64(width, "width")], f"{out}.col")
+    top = i64((np.arange(rows_out) * sh).reshape(1, 1, rows_out, 1), "window_top")
+    left = i64((np.arange(cols_out) * sw).reshape(1, 1, 1, cols_out), "window_left")
+    offset = ctx.node("Add", [ctx.node("Mul", [ctx.node("Sub", [row, top], f"{out}.dy"), i64(kw, "kw")],
+                                       f"{out}.dy_kw"),
+                              ctx.node("Sub", [col, left], f"{out}.dx")], f"{out}.offset")
+    offsets = i64(np.arange(windows).reshape(1, 1, windows, 1, 1), "offsets")
+    hits = ctx.node("Equal", [ctx.node("Unsqueeze", [offset, ctx.axes([2], f"{out}.offset")], f"{out}.offset5"),
+                              offsets], f"{out}.hits")
+    mask = ctx.node("Cast", [hits], f"{out}.mask", to=dtype)
+    spread = ctx.node("Mul", [mask, ctx.node("Unsqueeze", [g.name, ctx.axes([2], f"{out}.g")], f"{out}.g5")],
+                      f"{out}.spread")
+    stacked = ctx.node("Reshape", [spread, i64([-1, windows, rows_out, cols_out], "stacked")], f"{out}.stacked")
+    kernels = np.eye(windows).reshape(windows, 1, kh, kw).astype(np.dtype(g.dtype))
+    placed = ctx.node("ConvTranspose", [stacked, ctx.const(kernels, f"const.{out}.kernels")], f"{out}.placed",
+                      kernel_shape=[kh, kw], strides=[sh, sw],
+                      output_padding=[(height - kh) % sh, (width - kw) % sw])
+    return ctx.node("Reshape", [placed, i64([-1, channels, height, width], "shape")], out)
+
+
+# ---------------------------------------------------------------- sequences
+def _i64(ctx: EmitContext, value, hint: str) -> str:
+    return ctx.const(np.asarray(value, dtype=np.int64), f"const.{hint}")
+
+
+@emit("embedding")
+def emit_embedding(ctx, node):
+    ctx.node("Gather", _names(node), node.output.name, axis=0)
+
+
+@emit("embedding_grad")
+def emit_embedding_grad(ctx, node):
+    # dW = onehot(ids)ᵀ · g over every id: (K, V)ᵀ · (K, D), K the number of ids
+    g, ids, like = node.inputs
+    out = node.output.name
+    vocab, dim = (int(d) for d in like.shape)
+    flat_ids = ctx.node("Reshape", [ids.name, _i64(ctx, [-1, 1], "column")], f"{out}.ids")
+    hits = ctx.node("Equal", [flat_ids, _i64(ctx, np.arange(vocab), f"{out}.vocab")], f"{out}.hits")
+    onehot = ctx.node("Cast", [hits], f"{out}.onehot", to=ONNX_DTYPES[g.dtype])
+    rows = ctx.node("Reshape", [g.name, _i64(ctx, [-1, dim], f"{out}.rows")], f"{out}.g")
+    ctx.node("Gemm", [onehot, rows], out, transA=1)
+
+
+@emit("time_step")
+def emit_time_step(ctx, node):
+    ctx.node("Gather", [node.inputs[0].name, _i64(ctx, node.attr("t"), f"step{node.attr('t')}")],
+             node.output.name, axis=1)
+
+
+@emit("stack_steps")
+def emit_stack_steps(ctx, node):
+    out = node.output.name
+    steps = ctx.node("SequenceConstruct", _names(node), f"{out}.steps")
+    ctx.node("ConcatFromSequence", [steps], out, axis=1, new_axis=1)
+
+
+@emit("slice_axis")
+def emit_slice_axis(ctx, node):
+    (x,), out = node.inputs, node.output.name
+    ctx.node("Slice", [x.name, _i64(ctx, [node.attr("start")], f"{out}.start"),
+                       _i64(ctx, [node.attr("end")], f"{out}.end"),
+                       _i64(ctx, [node.attr("axis") % x.rank], f"{out}.axis")], out)
+
+
+@emit("pad_axis")
+def emit_pad_axis(ctx, node):
+    (x,), out = node.inputs, node.output.name
+    pads = np.zeros(2 * x.rank, dtype=np.int64)
+    axis = node.attr("axis") % x.rank
+    pads[axis], pads[x.rank + axis] = node.attr("before"), node.attr("after")
+    ctx.node("Pad", [x.name, _i64(ctx, pads, f"{out}.pads")], out)
+
+
+@emit("concat")
+def emit_concat(ctx, node):
+    ctx.node("Concat", _names(node), node.output.name, axis=node.attr("axis") % node.output.rank)
+
+
+@emit("fold_time")
+def emit_fold_time(ctx, node):
+    (x,), out = node.inputs, node.output.name
+    ctx.node("Reshape", [x.name, _i64(ctx, [-1, *(int(d) for d in x.shape[2:])], f"{out}.shape")], out)
+
+
+@emit("unfold_time")
+def emit_unfold_time(ctx, node):
+    # (m·T, ...) → (m, T, ...): T from the shape rule where it is a number, else from `like` at run time
+    (y, like), out = node.inputs, node.output.name
+    rest = [int(d) for d in y.shape[1:]]
+    if isinstance(like.shape[1], int):
+        ctx.node("Reshape", [y.name, _i64(ctx, [-1, like.shape[1], *rest], f"{out}.shape")], out)
+        return
+    batch_time = ctx.node("Slice", [ctx.node("Shape", [like.name], f"{out}.like_shape"), _i64(ctx, [0], "zero1"),
+                                    _i64(ctx, [2], "two1"), _i64(ctx, [0], "zero1")], f"{out}.batch_time")
+    shape = ctx.node("Concat", [batch_time, _i64(ctx, rest, f"{out}.rest")], f"{out}.shape", axis=0)
+    ctx.node("Reshape", [y.name, shape], out)
+
+
+@emit("stop_gradient")
+def emit_stop_gradient(ctx, node):
+    ctx.node("Identity", _names(node), node.output.name)
+
+
+_RECURRENT_OPS = {"rnn_seq": "RNN", "gru_seq": "GRU", "lstm_seq": "LSTM"}
+
+
+@emit("rnn_seq", "gru_seq", "lstm_seq")
+def emit_recurrent(ctx, node):
+    # ONNX's recurrent ops are time-first: (T, m, F) in, Y (T, 1, m, H) and Y_h (1, m, H) out
+    x, w, r, bias = node.inputs
+    out = node.output.name
+    attrs = {"hidden_size": int(node.attr("hidden"))}
+    if node.op == "gru_seq":
+        attrs["linear_before_reset"] = 1                  # r ⊙ (h·R_hᵀ + Rb_h), as PyTorch
+    if node.op == "rnn_seq":
+        attrs["activations"] = [{"tanh": "Tanh", "relu": "Relu"}[node.attr("activation", "tanh")]]
+    time_first = ctx.node("Transpose", [x.name], f"{out}.time_first", perm=[1, 0, 2])
+    # the zero initial state (1, m, H), spelled out: some runtimes (tract) cannot size it for a symbolic m
+    batch = ctx.node("Gather", [ctx.node("Shape", [x.name], f"{out}.x_shape"), _i64(ctx, [0], "zero1")],
+                     f"{out}.batch", axis=0)
+    state_shape = ctx.node("Concat", [_i64(ctx, [1], "one1"), batch, _i64(ctx, [attrs["hidden_size"]], f"{out}.units")],
+                           f"{out}.state_shape", axis=0)
+    zero = helper.make_tensor("zero", ONNX_DTYPES[x.dtype], [1], [0.0])
+    initial = ctx.node("ConstantOfShape", [state_shape], f"{out}.initial_state", value=zero)
+    inputs = [time_first, w.name, r.name, bias.name, "", initial] + ([initial] if node.op == "lstm_seq" else [])
+    if node.attr("last"):
+        ctx.nodes.append(helper.make_node(_RECURRENT_OPS[node.op], inputs, [f"{out}.y", f"{out}.h"], name=f"{out}.y",
+                                          **attrs))
+        ctx.node("Squeeze", [f"{out}.h", _i64(ctx, [0], "zero1")], out)
+        return
+    ctx.nodes.append(helper.make_node(_RECURRENT_OPS[node.op], inputs, [f"{out}.y"], name=f"{out}.y", **attrs))
+    steps = ctx.node("Squeeze", [f"{out}.y", _i64(ctx, [1], "one1")], f"{out}.steps")
+    ctx.node("Transpose", [steps], out, perm=[1, 0, 2])
+
+
 def value_info(value: Value) -> onnx.ValueInfoProto:
     dims = [d if isinstance(d, str) else int(d) for d in value.shape]
     return helper.make_tensor_value_info(value.name, ONNX_DTYPES[value.dtype], dims)
 
 
 def to_onnx(graph: Graph, *, initializers: Mapping[str, np.ndarray] | None = None,
-            opset: int = DEFAULT_OPSET, ir_version: int = DEFAULT_IR_VERSION,
+            opset: int = DEFAULT_OPSET, ir_version: int | None = None,
             metadata: Mapping[str, str] | None = None, doc: str = "") -> onnx.ModelProto:
-    """The ModelProto of `graph`; inputs named in `initializers` become initializers instead."""
+    """The ModelProto of `graph`; inputs named in `initializers` become initializers instead.
+
+    `ir_version` None is the default for `opset` (`resolve_target`)."""
+    opset, ir_version = resolve_target(opset, ir_version)
     initializers = dict(initializers or {})
-    ctx = EmitContext(opset)
+    ctx = EmitContext(opset, producers=graph.producers())
     for node in graph.nodes:
         EMIT_RULES[node.op](ctx, node)
     tensors = {**initializers, **ctx.initializers}
@@ -221,7 +558,7 @@ def to_onnx(graph: Graph, *, initializers: Mapping[str, np.ndarray] | None = Non
         initializer=[numpy_helper.from_array(np.asarray(a), name) for name, a in tensors.items()],
         doc_string=doc)
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="dlnc", ir_version=ir_version)
+                              producer_name="dlnc", producer_version=__version__, ir_version=ir_version)
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=str(value))
     return model

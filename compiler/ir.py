@@ -56,15 +56,52 @@ OPS: Mapping[str, str] = {
     "reshape_as": "y = x reshaped to the shape of `like`",
     "expand_as": "y = x broadcast to the shape of `like`",
     "flatten": "y = x reshaped to (m, everything else)",
+    # 2-D convolution and pooling, NCHW. attrs: strides (sh, sw), pads (top, left, bottom, right),
+    # kernel (kh, kw); output size ⌊(n + p_begin + p_end − k) / s⌋ + 1
+    "conv": "y[n, f] = Σ_c x[n, c] ⋆ w[f, c] + b[f] (cross-correlation), x (m, C, H, W), w (F, C, kh, kw), "
+            "b (F,) optional; attrs strides, pads",
+    "conv_transpose": "the adjoint of conv in x: y = (∂conv/∂x)ᵀ·x, x (m, F, Ho, Wo), w (F, C, kh, kw) → "
+                      "(m, C, H, W); attrs strides, pads, output_padding (the rows/columns conv never read)",
+    "conv_filter_grad": "the adjoint of conv in w: y[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·sh + i, "
+                        "q·sw + j], x (m, C, H, W), g (m, F, Ho, Wo) → (F, C, kh, kw); attrs strides, pads, kernel",
+    "maxpool": "y = max of x over each kh×kw window, attrs kernel, strides (no padding)",
+    "maxpool_argmax": "the flat index into x (over all of x, batch and channel included) of each window's first "
+                      "maximum, int64, shaped like maxpool's y; attrs kernel, strides",
+    "avgpool": "y = mean of x over each kh×kw window, attrs kernel, strides (no padding)",
+    "avgpool_transpose": "the adjoint of avgpool: every x[n, c, p, q]/(kh·kw) added over its window, "
+                         "(m, C, Ho, Wo) → (m, C, H, W); attrs kernel, strides, input_size (H, W)",
+    "take": "y = x.flat[indices], shaped like the int64 indices",
+    "scatter_add": "y = zeros shaped like `like`, then y.flat[indices[i]] += x.flat[i] (repeats add up)",
     "one_hot": "y[i, k] = 1 if labels[i] == k else 0, k < attr depth (float)",
     "batch_count": "y = m, the size of x's first dimension, as a float scalar",
     "softmax_cross_entropy": "J = −(1/m) Σ_i log softmax(z_i)[y_i]; labels int64 (m,)",
     "sigmoid_bce": "J = (1/m) Σ max(z,0) − z·y + log(1 + e^{−|z|}), the logit form of BCE",
     "mse": "J = mean over all elements of (p − y)²",
+    # sequences: batch-first (m, T, ...), T the time axis (a number in training, the symbol "T" in
+    # exported models); "m*T" is the size of the batch and time axes merged
+    "embedding": "y[..., :] = W[ids[...], :], W (V, D), int64 ids of any shape → (*ids.shape, D)",
+    "embedding_grad": "the adjoint of embedding in W: y = zeros like W (V, D), then y[ids[...], :] += g[..., :] "
+                      "(an id that occurs twice gets both rows)",
+    "time_step": "y = x[:, t], x (m, T, ...) → (m, ...); attr t (< 0 counts from the end)",
+    "stack_steps": "y[:, t] = x_t for the inputs x_0 … x_{T−1}, each (m, ...) → (m, T, ...)",
+    "slice_axis": "y = x[start:end] along attr axis (the axis kept); attrs axis, start, end",
+    "pad_axis": "y = x with attr before zeros in front and attr after zeros behind, along attr axis",
+    "concat": "y = the inputs joined along attr axis",
+    "fold_time": "y = x (m, T, ...) reshaped to (m·T, ...)",
+    "unfold_time": "y = x (m·T, ...) reshaped to (m, T, ...), m and T those of `like` (m, T, ...)",
+    "stop_gradient": "y = x, with no gradient to x",
+    # the ONNX recurrent ops, one direction, zero initial state, over x (m, T, F); y (m, T, H), or h_T (m, H)
+    # with attr last. W (1, G·H, F), R (1, G·H, H), B (1, 2·G·H) hold the G gates in ONNX's order; attr hidden = H
+    "rnn_seq": "h_t = act(x_t·Wᵀ + h_{t−1}·Rᵀ + Wb + Rb), attr activation tanh | relu (ONNX RNN, G = 1)",
+    "gru_seq": "ONNX GRU, gates z, r, h (G = 3), linear_before_reset = 1: "
+               "h̃_t = tanh(x_t·W_hᵀ + Wb_h + r_t ⊙ (h_{t−1}·R_hᵀ + Rb_h)), h_t = (1 − z_t) ⊙ h̃_t + z_t ⊙ h_{t−1}",
+    "lstm_seq": "ONNX LSTM, gates i, o, f, c (G = 4), no peepholes: c_t = f_t ⊙ c_{t−1} + i_t ⊙ tanh(c̃_t), "
+                "h_t = o_t ⊙ tanh(c_t)",
 }
 
 # ops whose output carries no gradient to their inputs (their VJP rule returns Nones)
-NON_DIFFERENTIABLE = frozenset({"const", "sign", "floor", "greater", "cast", "one_hot", "batch_count"})
+NON_DIFFERENTIABLE = frozenset({"const", "sign", "floor", "greater", "cast", "one_hot", "batch_count",
+                                "maxpool_argmax", "stop_gradient"})
 
 
 @dataclass(frozen=True)
@@ -118,6 +155,7 @@ class Builder:
         self.nodes: list[Node] = []
         self._names: set[str] = set()
         self._counter = itertools.count()
+        self.scope: str | None = None       # the layer being lowered: unnamed values are `scope.op`
 
     def fresh(self, hint: str) -> str:
         name = hint
@@ -140,7 +178,7 @@ class Builder:
         if op not in OPS:
             raise KeyError(f"unknown IR op {op!r}")
         dtype, shape = SHAPE_RULES[op](tuple(inputs), attrs)
-        out = Value(self.fresh(name or op), dtype, tuple(shape))
+        out = Value(self.fresh(name or (f"{self.scope}.{op}" if self.scope else op)), dtype, tuple(shape))
         self.nodes.append(Node(op, tuple(inputs), out, dict(attrs)))
         return out
 

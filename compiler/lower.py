@@ -6,6 +6,11 @@ exported tensor. Parameters are created through the context: `dense_3.W` has the
 shape (n[l], n[l−1]) (which is also ONNX Gemm's transB layout), `dense_3.b` is (n[l],).
 Initialisation is seeded: He (variance 2/n[l−1]) for the relu family, Xavier (1/n[l−1])
 otherwise, biases zero.
+
+Convolutions are batch-first NCHW: `conv_1.W` is (F, C, k, k) with fan-in C·k·k, `conv_1.b` is
+(F,). Output size ⌊(n + p_begin + p_end − k)/s⌋ + 1. `padding=same` gives ⌈n/s⌉ (n at stride 1)
+with the total padding split as TensorFlow and PyTorch do: the smaller half on top and left, so an
+even k pads one more row at the bottom and one more column at the right.
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ from dsl import ast
 from dsl.errors import DlnError, Span
 
 from .ir import Builder, Value
-from .shapes import ShapeError
+from .shapes import ShapeError, same_padding, window_count
 
 RELU_FAMILY = frozenset({"relu", "leaky_relu"})
+MAX_TENSOR_ELEMENTS = 2 ** 29     # 2 GiB of float32: the most one ONNX file (a protobuf) can hold
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class LowerContext:
     noise: list[Value] = field(default_factory=list)
     infos: list[LayerInfo] = field(default_factory=list)
     pre_activation: dict[str, Value] = field(default_factory=dict)
+    vocab: int = 0                    # token programs: the vocabulary size the data defines (`vocab`)
+    steps: int | None = None          # token programs: the training window T
 
     def param(self, layer: ast.Layer, role: str, init: np.ndarray, regularized: bool) -> Value:
         name = f"{layer.name}.{role}"
@@ -120,8 +128,19 @@ ACTIVATIONS: dict[str, Callable[[Builder, Value, ast.Activation, str], Value]] =
 }
 
 
+def check_size(shape: tuple, what: str, per_example: bool = False) -> None:
+    """A tensor too large for an ONNX file (weights), or for one example, is a ShapeError,
+    checked before anything is allocated or multiplied in fixed-width integers."""
+    count = int(np.prod([int(d) for d in shape if isinstance(d, int)], dtype=object))
+    if count > MAX_TENSOR_ELEMENTS:
+        limit = ("dlnc handles at most" if per_example else "an ONNX file holds at most 2 GiB, about")
+        raise ShapeError(f"{what} {describe(shape)} would hold {count:,} numbers{' per example' * per_example}; "
+                         f"{limit} {MAX_TENSOR_ELEMENTS:,} float32 numbers")
+
+
 def init_weights(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, activation: str) -> np.ndarray:
     """He: N(0, 2/fan_in) for the relu family; Xavier: N(0, 1/fan_in) otherwise."""
+    check_size(shape, "its weights")
     variance = (2.0 if activation in RELU_FAMILY else 1.0) / fan_in
     return rng.normal(0.0, np.sqrt(variance), size=shape)
 
@@ -144,6 +163,73 @@ def lower_dense(ctx: LowerContext, layer: ast.Dense, a: Value) -> Value:
     ctx.infos.append(LayerInfo(layer.name, "dense", ((w.name, w.shape), (bias.name, bias.shape)),
                                ("N", units), 2 * n_in * units + units))
     return ACTIVATIONS[layer.activation.kind](b, z, layer.activation, layer.name)
+
+
+def _image_input(ctx: LowerContext, layer: ast.Layer, kind: str, a: Value) -> tuple[int, int, int]:
+    """(C, H, W) of an (N, C, H, W) input; a located error for any other rank."""
+    if a.rank != 4:
+        hint = ("declare the input as an image, like `input x: float[1, 8, 8]`" if a.rank == 2
+                else "it needs (N, C, H, W)")
+        raise error(f"{layer.name} ({kind}) takes images (N, C, H, W) but its input is {describe(a.shape)}; {hint}",
+                    layer.span, ctx.program)
+    return int(a.shape[1]), int(a.shape[2]), int(a.shape[3])
+
+
+def _window_output(ctx: LowerContext, layer: ast.Layer, kind: str, a: Value, channels: int, size: int,
+                   stride: int, pads: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(Ho, Wo) = ⌊(n + p − k)/s⌋ + 1 per side; a located error showing both shapes if it is empty."""
+    (_, h, w), (top, left, bottom, right) = a.shape[1:], pads
+    out = (window_count(h, size, stride, top, bottom), window_count(w, size, stride, left, right))
+    if min(out) < 1:
+        padded = f" padded by {pads[0]} (top), {pads[1]} (left), {pads[2]} (bottom), {pads[3]} (right)" \
+            if any(pads) else ""
+        raise error(f"{layer.name} ({kind}): a {size}×{size} window at stride {stride} over the input "
+                    f"{describe(a.shape)}{padded} gives an empty output {describe(('N', channels, *out))}",
+                    layer.span, ctx.program)
+    return out
+
+
+def conv_pads(padding: int | str, size: int, stride: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) for `padding=P` (P on every side) or `padding=same`."""
+    if padding == "same":
+        (top, bottom), (left, right) = same_padding(h, size, stride), same_padding(w, size, stride)
+        return top, left, bottom, right
+    return (int(padding),) * 4
+
+
+def lower_conv(ctx: LowerContext, layer: ast.Conv, a: Value) -> Value:
+    """Z = W ⋆ A + b (cross-correlation, as ONNX Conv and torch), then the activation."""
+    b = ctx.b
+    channels, h, w = _image_input(ctx, layer, "conv", a)
+    if layer.activation.kind == "softmax":
+        raise error(f"{layer.name} (conv): softmax belongs to the output layer (`dense C softmax`); "
+                    f"use relu, leaky_relu, tanh, sigmoid or linear here",
+                    layer.spans.get("activation", layer.span), ctx.program)
+    k, stride, filters = layer.size, layer.stride, layer.filters
+    pads = conv_pads(layer.padding, k, stride, h, w)
+    ho, wo = _window_output(ctx, layer, "conv", a, filters, k, stride, pads)
+    fan_in = channels * k * k
+    weights = ctx.param(layer, "W", init_weights(ctx.rng, (filters, channels, k, k), fan_in, layer.activation.kind),
+                        True)
+    bias = ctx.param(layer, "b", np.zeros(filters), False)
+    z = b.op("conv", a, weights, bias, strides=(stride, stride), pads=pads, name=f"{layer.name}.Z")
+    ctx.pre_activation[layer.name] = z
+    # 2 per multiply-add: k·k·C of them per output, F·Ho·Wo outputs, plus the bias
+    flops = 2 * k * k * channels * filters * ho * wo + filters * ho * wo
+    ctx.infos.append(LayerInfo(layer.name, "conv", ((weights.name, weights.shape), (bias.name, bias.shape)),
+                               z.shape, flops))
+    return ACTIVATIONS[layer.activation.kind](b, z, layer.activation, layer.name)
+
+
+def lower_pool(ctx: LowerContext, layer: ast.Pool, a: Value) -> Value:
+    """Max or average over size×size windows at the stride (which defaults to the size), no padding."""
+    kind = f"{layer.kind}pool"
+    channels, _, _ = _image_input(ctx, layer, kind, a)
+    ho, wo = _window_output(ctx, layer, kind, a, channels, layer.size, layer.stride, (0, 0, 0, 0))
+    out = ctx.b.op(kind, a, kernel=(layer.size, layer.size), strides=(layer.stride, layer.stride), name=layer.name)
+    # one comparison (max) or addition (avg) per window element: k·k per output, C·Ho·Wo outputs
+    ctx.infos.append(LayerInfo(layer.name, kind, (), out.shape, layer.size * layer.size * channels * ho * wo))
+    return out
 
 
 def lower_flatten(ctx: LowerContext, layer: ast.Flatten, a: Value) -> Value:
@@ -171,39 +257,48 @@ def lower_dropout(ctx: LowerContext, layer: ast.Dropout, a: Value) -> Value:
 def lower_batchnorm(ctx: LowerContext, layer: ast.BatchNorm, a: Value) -> Value:
     """y = γ·(a − μ)/√(σ² + ε) + β, with batch μ, σ² in training and running ones at inference.
 
-    Running statistics: r ← momentum·r + (1 − momentum)·batch, the variance unbiased (m/(m−1)),
-    as torch.nn.BatchNorm1d with its momentum = 1 − ours.
+    After dense layers the statistics are per feature, over the batch; after conv layers per
+    channel, over the batch and every position (N, H, W), with γ, β, μ, σ² of shape (C,) broadcast
+    as (C, 1, 1). Running statistics: r ← momentum·r + (1 − momentum)·batch, the variance unbiased
+    (count/(count − 1), count = m or m·H·W), as torch.nn.BatchNorm1d/2d with its momentum = 1 − ours.
     """
     b = ctx.b
-    if a.rank != 2:
-        raise error(f"{layer.name} (batchnorm) after a {describe(a.shape)} input is not available yet; "
-                    f"it works after dense layers", layer.span, ctx.program)
+    if a.rank not in (2, 4):
+        raise error(f"{layer.name} (batchnorm) takes (N, features) or (N, C, H, W) but its input is "
+                    f"{describe(a.shape)}", layer.span, ctx.program)
     features = int(a.shape[1])
+    axes = (0,) if a.rank == 2 else (0, 2, 3)
+    positions = int(np.prod(a.shape[2:], dtype=np.int64))     # H·W after conv, 1 after dense
+
+    def per_feature(v: Value) -> Value:
+        """(C,) broadcast against a: as it is for (N, C), as (C, 1, 1) for (N, C, H, W)."""
+        return v if a.rank == 2 else b.op("unsqueeze", v, axes=(1, 2))
+
     gamma = ctx.param(layer, "gamma", np.ones(features), False)
     beta = ctx.param(layer, "beta", np.zeros(features), False)
     running_mean = ctx.buffer(layer, "running_mean", np.zeros(features))
     running_var = ctx.buffer(layer, "running_var", np.ones(features))
     eps = b.scalar(layer.eps)
     ctx.infos.append(LayerInfo(layer.name, "batchnorm", ((gamma.name, gamma.shape), (beta.name, beta.shape)),
-                               a.shape, 4 * features))
+                               a.shape, 4 * features * positions))
     if ctx.training:
-        mean = b.op("reduce_mean", a, axes=(0,), keepdims=False)
-        centred = b.sub(a, mean)
-        var = b.op("reduce_mean", b.mul(centred, centred), axes=(0,), keepdims=False)
+        mean = b.op("reduce_mean", a, axes=axes, keepdims=False)
+        centred = b.sub(a, per_feature(mean))
+        var = b.op("reduce_mean", b.mul(centred, centred), axes=axes, keepdims=False)
         m = b.op("batch_count", a, dtype=a.dtype)
+        if positions != 1:
+            m = b.mul(m, b.scalar(float(positions)))
         unbiased = b.mul(var, b.div(m, b.op("maximum", b.sub(m, b.scalar(1.0)), b.scalar(1.0))))
         keep, fresh = b.scalar(layer.momentum), b.scalar(1.0 - layer.momentum)
         ctx.buffer_updates[running_mean.name] = b.add(b.mul(keep, running_mean), b.mul(fresh, mean))
         ctx.buffer_updates[running_var.name] = b.add(b.mul(keep, running_var), b.mul(fresh, unbiased))
     else:
-        centred, var = b.sub(a, running_mean), running_var
-    normalized = b.div(centred, b.op("sqrt", b.add(var, eps)))
-    return b.add(b.mul(gamma, normalized), beta, name=layer.name)
+        centred, var = b.sub(a, per_feature(running_mean)), running_var
+    normalized = b.div(centred, per_feature(b.op("sqrt", b.add(var, eps))))
+    return b.add(b.mul(per_feature(gamma), normalized), per_feature(beta), name=layer.name)
 
 
 NOT_YET = {
-    ast.Conv: "convolutional layers",
-    ast.Pool: "pooling layers",
     ast.Embed: "embeddings",
     ast.OneHot: "one_hot layers",
     ast.Recurrent: "recurrent layers",
@@ -213,6 +308,8 @@ NOT_YET = {
 
 LOWER_RULES: dict[type, Callable[[LowerContext, ast.Layer, Value], Value]] = {
     ast.Dense: lower_dense,
+    ast.Conv: lower_conv,
+    ast.Pool: lower_pool,
     ast.Flatten: lower_flatten,
     ast.Dropout: lower_dropout,
     ast.BatchNorm: lower_batchnorm,
@@ -221,9 +318,9 @@ LOWER_RULES: dict[type, Callable[[LowerContext, ast.Layer, Value], Value]] = {
 
 def unavailable_feature(program: ast.Program) -> tuple[str, Span | None] | None:
     """The first feature this version cannot compile ("convolutional layers"), and where it is."""
-    if program.input.kind != "float":
+    if program.input.kind not in ("float", "tokens"):
         return f"`{program.input.kind}` inputs", program.input.span
-    if program.output.kind not in ("binary", "class", "real"):
+    if program.output.kind not in ("binary", "class", "real", "tokens"):
         return f"`{program.output.kind}` outputs", program.output.span
     for layer in program.layers:
         if type(layer) in NOT_YET:
@@ -236,28 +333,36 @@ def check_available(program: ast.Program) -> None:
     missing = unavailable_feature(program)
     if missing is not None:
         what, span = missing
-        raise error(f"{what} are not available yet in this version of dlnc; it compiles dense networks "
-                    f"(dense, flatten, dropout, batchnorm) with float inputs", span, program)
+        raise error(f"{what} are not available yet in this version of dlnc; it compiles dense and "
+                    f"convolutional networks (dense, conv, maxpool, avgpool, flatten, dropout, batchnorm) "
+                    f"with float inputs", span, program)
 
 
 def lower_layer(ctx: LowerContext, layer: ast.Layer, a: Value) -> Value:
     kind = type(layer)
+    ctx.b.scope = layer.name                # the layer's inner nodes read `batchnorm_2.sub` in Netron
     try:
-        return LOWER_RULES[kind](ctx, layer, a)
+        out = LOWER_RULES[kind](ctx, layer, a)
+        check_size(out.shape, "its output", per_example=True)
+        return out
     except ShapeError as exc:
         raise error(f"{layer.name}: {exc}", layer.span, ctx.program) from None
+    finally:
+        ctx.b.scope = None
 
 
 def check_output_layer(program: ast.Program, last: ast.Layer) -> None:
     """The last layer must agree with the output type; the message says what to write."""
     out = program.output
     units, activations = {"binary": (1, ("sigmoid",)), "class": (out.size, ("softmax",)),
-                          "real": (out.size, ("linear", "relu", "leaky_relu", "tanh"))}[out.kind]
+                          "real": (out.size, ("linear", "relu", "leaky_relu", "tanh")),
+                          "tokens": ("vocab", ("softmax",))}[out.kind]
     ok = isinstance(last, ast.Dense) and last.units == units and last.activation.kind in activations
     if not ok:
         found = (f"dense {last.units} {last.activation.kind}" if isinstance(last, ast.Dense)
                  else type(last).__name__.lower())
-        raise error(f"output {out.name}: {out.kind}{f'[{out.size}]' if out.kind != 'binary' else ''} needs the "
+        declared = {"binary": "binary", "tokens": "tokens per_step"}.get(out.kind, f"{out.kind}[{out.size}]")
+        raise error(f"output {out.name}: {declared} needs the "
                     f"last layer to be `dense {units} {activations[0]}`, but it is `{found}`",
                     last.span, program)
 
@@ -269,7 +374,7 @@ def lower_input(ctx: LowerContext, x: Value, normalization: Normalization | None
     b = ctx.b
     mean = b.const(normalization.mean, name="normalize.mean")
     std = b.const(normalization.std, name="normalize.std")
-    return b.div(b.sub(x, mean), std, name="normalize")
+    return b.div(b.sub(x, mean, name="normalize.centred"), std, name="normalize")
 
 
 def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | None) -> Value:
@@ -279,7 +384,14 @@ def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | No
     if not program.layers:
         raise error("the layers block is empty; write at least the output layer", program.span, program)
     check_output_layer(program, program.layers[-1])
+    try:
+        check_size(program.input.shape, "its examples", per_example=True)
+    except ShapeError as exc:
+        raise error(f"input {program.input.name}: {exc}", program.input.span, program) from None
     a = lower_input(ctx, x, normalization)
     for layer in program.layers:
         a = lower_layer(ctx, layer, a)
     return a
+
+
+from . import lower_sequence  # noqa: E402,F401  (registers token inputs and sequence layers into LOWER_RULES)

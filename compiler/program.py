@@ -8,7 +8,7 @@ inference.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
@@ -18,10 +18,11 @@ from dsl import ast
 
 from . import __version__
 from .autodiff import grad
-from .emit import DEFAULT_IR_VERSION, DEFAULT_OPSET, to_onnx
-from .ir import Builder
+from .emit import DEFAULT_OPSET, resolve_target, to_onnx
+from .ir import Builder, Graph, Value
 from .lower import BufferSpec, LayerInfo, LowerContext, Normalization, ParamSpec, error, lower_network, \
     unavailable_feature
+from .lower_sequence import check_token_input, sequence_loss, token_sizes
 from .simplify import simplify
 from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, clip_by_global_norm, data_loss, decayed_lr, \
     regularization
@@ -77,12 +78,24 @@ def _check_freeze(program: ast.Program) -> tuple[str, ...]:
     return program.train.freeze
 
 
-def _new_context(program: ast.Program, training: bool, dtype: str) -> LowerContext:
-    return LowerContext(Builder(dtype), program, training, np.random.default_rng(program.train.seed))
+def _new_context(program: ast.Program, training: bool, dtype: str, vocab: int = 0,
+                 steps: int | None = None) -> LowerContext:
+    return LowerContext(Builder(dtype), program, training, np.random.default_rng(program.train.seed),
+                        vocab=vocab, steps=steps)
 
 
-def _input_shape(program: ast.Program) -> tuple:
+def _input_shape(program: ast.Program, ctx: LowerContext) -> tuple:
+    """Batch-first; token ids are (N, T) with T the window in training and any length ("T") in the model."""
+    if program.input.kind == "tokens":
+        return ("N", ctx.steps if ctx.training else "T")
     return ("N", *program.input.shape)
+
+
+def _input(ctx: LowerContext) -> Value:
+    program = ctx.program
+    check_token_input(program)
+    return ctx.b.input(program.input.name, _input_shape(program, ctx),
+                       dtype="int64" if program.input.kind == "tokens" else None)
 
 
 def metadata(program: ast.Program, classes: tuple[str, ...], source_hash: str | None) -> dict[str, str]:
@@ -92,31 +105,47 @@ def metadata(program: ast.Program, classes: tuple[str, ...], source_hash: str | 
             "dlnc.output": program.output.name}
 
 
-def build_inference(program: ast.Program, normalization: Normalization | None, dtype: str = "float32"):
+def token_metadata(program: ast.Program, vocab: tuple[str, ...], steps: int | None) -> dict[str, str]:
+    """Token programs: the vocabulary (ids are positions in it), the text level and the training window."""
+    source = program.data.source if program.data is not None else None
+    return {"dlnc.vocab": json.dumps(list(vocab), ensure_ascii=False),
+            "dlnc.text_level": (source.level or "") if source is not None and source.kind == "text" else "",
+            "dlnc.sequence_length": str(steps or "")}
+
+
+def build_inference(program: ast.Program, normalization: Normalization | None, dtype: str = "float32",
+                    vocab: int = 0, steps: int | None = None):
     """The exported model: raw input in, probabilities (or values) out, weights as initializers."""
-    ctx = _new_context(program, training=False, dtype=dtype)
-    x = ctx.b.input(program.input.name, _input_shape(program))
+    ctx = _new_context(program, training=False, dtype=dtype, vocab=vocab, steps=steps)
+    x = _input(ctx)
     a = lower_network(ctx, x, normalization)
     name = program.output.name
     binary = program.output.kind == "binary"
     y = ctx.b.op("squeeze", a, axes=(1,), name=name) if binary else ctx.b.op("identity", a, name=name)
     z = ctx.pre_activation[program.layers[-1].name]
-    logits = ctx.b.op("squeeze", z, axes=(1,), name="logits") if binary else ctx.b.op("identity", z, name="logits")
+    if program.output.kind == "tokens":                       # per-step logits (N·T, V) back to (N, T, V)
+        logits = ctx.b.op("unfold_time", z, a, name="logits")
+    else:
+        logits = ctx.b.op("squeeze", z, axes=(1,), name="logits") if binary else ctx.b.op("identity", z, name="logits")
     return ctx, ctx.b.graph(program.name, [y]), ctx.b.graph(f"{program.name}_evaluation", [y, logits])
 
 
-def build_train_step(program: ast.Program, normalization: Normalization | None, dtype: str = "float32"):
+def build_train_step(program: ast.Program, normalization: Normalization | None, dtype: str = "float32",
+                     vocab: int = 0, steps: int | None = None):
     """The training step graph and the spec the runtime binds it by."""
     loss_kind = resolve_loss(program)
     frozen = _check_freeze(program)
-    ctx = _new_context(program, training=True, dtype=dtype)
+    ctx = _new_context(program, training=True, dtype=dtype, vocab=vocab, steps=steps)
     b = ctx.b
-    x = b.input(program.input.name, _input_shape(program))
+    x = _input(ctx)
     out = program.output
-    y_shape = ("N", out.size) if out.kind == "real" else ("N",)
-    y = b.input(out.name, y_shape, dtype="int64" if out.kind == "class" else dtype)
+    y_shape = {"real": ("N", out.size), "tokens": ("N", ctx.steps)}.get(out.kind, ("N",))
+    y = b.input(out.name, y_shape, dtype="int64" if out.kind in ("class", "tokens") else dtype)
     a = lower_network(ctx, x, normalization)
-    cost = data_loss(ctx, program.layers[-1], a, y, loss_kind)
+    if out.kind == "tokens":
+        cost = sequence_loss(ctx, program.layers[-1], y)
+    else:
+        cost = data_loss(ctx, program.layers[-1], a, y, loss_kind)
     if program.train.regularize is not None and any(p.regularized for p in ctx.params):
         m = b.op("batch_count", x, dtype=dtype)
         cost = b.add(cost, regularization(ctx, program.train.regularize, m))
@@ -148,13 +177,42 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
     state.extend(StateSpec(buf.name, buf.init) for buf in ctx.buffers)
 
     outputs = [cost] + [b.op("identity", v, name=f"new.{k}") if k != "step" else v for k, v in updates.items()]
-    graph = simplify(b.graph(f"{program.name}_train_step", outputs))
+    graph = output_in_place(simplify(b.graph(f"{program.name}_train_step", outputs)))
     spec = TrainStepSpec(
         params=tuple(ctx.params), trainable=trainable, state=tuple(state),
         hyper=dict(ctx.hyper_defaults), x=x.name, y=y.name,
         noise=tuple((v.name, v.shape) for v in ctx.noise),
         updates={k: f"new.{k}" for k in updates})
     return ctx, graph, spec
+
+
+def output_in_place(graph: Graph) -> Graph:
+    """Drop the `identity` nodes that only rename a computed value as a graph output (`new.W`
+    from W's update): the producing node takes the output's name, so it writes straight into
+    the buffer bound to that output instead of a copy of it being made every step."""
+    producers = graph.producers()
+    inputs = {v.name for v in graph.inputs}
+    outputs = {v.name for v in graph.outputs}
+    renames: dict[str, str] = {}
+    for out in graph.outputs:
+        node = producers.get(out.name)
+        if node is None or node.op != "identity":
+            continue
+        source = node.inputs[0]
+        inner = producers.get(source.name)
+        if (source.name in inputs or source.name in outputs or source.name in renames or inner is None
+                or inner.op == "const" or source.dtype != out.dtype or source.shape != out.shape):
+            continue
+        renames[source.name] = out.name
+    if not renames:
+        return graph
+
+    def rename(v: Value) -> Value:
+        return replace(v, name=renames[v.name]) if v.name in renames else v
+    dropped = {renames[name] for name in renames}
+    nodes = tuple(replace(n, inputs=tuple(rename(v) for v in n.inputs), output=rename(n.output))
+                  for n in graph.nodes if not (n.op == "identity" and n.output.name in dropped))
+    return replace(graph, nodes=nodes)
 
 
 def check(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -166,15 +224,25 @@ def check(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def compile_program(program: ast.Program, normalization: Normalization | None = None,
                     classes: tuple[str, ...] = (), source_hash: str | None = None,
-                    opset: int = DEFAULT_OPSET, ir_version: int = DEFAULT_IR_VERSION) -> Compiled:
-    infer_ctx, infer_graph, eval_graph = build_inference(program, normalization)
+                    opset: int = DEFAULT_OPSET, ir_version: int | None = None,
+                    vocab: tuple[str, ...] = (), steps: int | None = None) -> Compiled:
+    """Both models at `opset`; `ir_version` None is 8 or the oldest that carries `opset`.
+
+    Token programs take the data's vocabulary (its size is `vocab`) and training window T
+    (`steps`); without them, the sizes the data block declares (or placeholders, for checks)."""
+    opset, ir_version = resolve_target(opset, ir_version)
+    vocab_size, steps = token_sizes(program, len(vocab), steps)
+    sizes = {"vocab": vocab_size, "steps": steps}
+    infer_ctx, infer_graph, eval_graph = build_inference(program, normalization, **sizes)
     initial = {p.name: p.init for p in infer_ctx.params} | {buf.name: buf.init for buf in infer_ctx.buffers}
     meta = metadata(program, classes, source_hash)
+    if vocab_size:
+        meta |= token_metadata(program, vocab or tuple(str(i) for i in range(vocab_size)), steps)
     infer_graph = simplify(infer_graph)
     model = check(to_onnx(infer_graph, initializers=initial, opset=opset, ir_version=ir_version,
                           metadata=meta, doc=f"dlnc inference model for {program.name}"))
     evaluation = to_onnx(simplify(eval_graph), opset=opset, ir_version=ir_version)
-    train_ctx, train_graph, spec = build_train_step(program, normalization)
+    train_ctx, train_graph, spec = build_train_step(program, normalization, **sizes)
     train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,
                                doc=f"dlnc training step for {program.name}"))
     return Compiled(program, model, train_step, evaluation, spec, tuple(infer_ctx.infos), resolve_loss(program))

@@ -181,3 +181,265 @@ def shape_elementwise_loss(inputs, attrs):
     if tuple(z.shape) != tuple(y.shape):
         raise ShapeError(f"loss needs predictions and targets of one shape; got {z.shape} and {y.shape}")
     return z.dtype, ()
+
+
+# ---------------------------------------------------------------- convolution and pooling
+def window_count(n: int, k: int, s: int, begin: int = 0, end: int = 0) -> int:
+    """Windows of size k at stride s over n padded by (begin, end): ⌊(n + begin + end − k)/s⌋ + 1."""
+    return (n + begin + end - k) // s + 1
+
+
+def same_padding(n: int, k: int, s: int) -> tuple[int, int]:
+    """`padding=same` (as TensorFlow and PyTorch): the output is ⌈n/s⌉, so n itself at stride 1.
+
+    The total t = max((⌈n/s⌉ − 1)·s + k − n, 0) is split (⌊t/2⌋, t − ⌊t/2⌋): for an even k the
+    extra row goes to the bottom and the extra column to the right.
+    """
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    return total // 2, total - total // 2
+
+
+def unread(n: int, k: int, s: int, begin: int = 0, end: int = 0) -> int:
+    """Rows of the padded input after the last window, which the windows never read: (n + p − k) mod s.
+
+    It is the output_padding a transposed convolution needs to give back n rows."""
+    return (n + begin + end - k) % s
+
+
+def _image(x: Value, what: str) -> tuple[int, int]:
+    if x.rank != 4 or any(isinstance(d, str) for d in x.shape[1:]):
+        raise ShapeError(f"{what} needs an input (N, C, H, W); got {tuple(x.shape)}")
+    return int(x.shape[2]), int(x.shape[3])
+
+
+def _windows(x: Value, kernel, strides, pads, what: str) -> tuple[int, int]:
+    (h, w), (kh, kw), (sh, sw) = _image(x, what), kernel, strides
+    top, left, bottom, right = pads
+    out = (window_count(h, kh, sh, top, bottom), window_count(w, kw, sw, left, right))
+    if min(out) < 1:
+        padded = f" padded by {tuple(pads)}" if any(pads) else ""
+        raise ShapeError(f"{what} with a {kh}×{kw} window at stride {sh} over {tuple(x.shape)}{padded} "
+                         f"gives an empty output {(*x.shape[:2], *out)}")
+    return out
+
+
+@rule("conv")
+def shape_conv(inputs, attrs):
+    x, w, *bias = inputs
+    if w.rank != 4:
+        raise ShapeError(f"conv filters must be (F, C, kh, kw); got {w.shape}")
+    _image(x, "conv")
+    if x.shape[1] != w.shape[1]:
+        raise ShapeError(f"conv input has {x.shape[1]} channels but its filters {w.shape} expect {w.shape[1]}")
+    if bias and tuple(bias[0].shape) != (w.shape[0],):
+        raise ShapeError(f"conv bias must be ({w.shape[0]},); got {bias[0].shape}")
+    return x.dtype, (x.shape[0], w.shape[0], *_windows(x, w.shape[2:], attrs["strides"], attrs["pads"], "conv"))
+
+
+@rule("conv_transpose")
+def shape_conv_transpose(inputs, attrs):
+    # H = (Ho − 1)·s + kh − top − bottom + output_padding
+    x, w = inputs
+    (ho, wo), (sh, sw) = _image(x, "conv_transpose"), attrs["strides"]
+    if w.rank != 4 or x.shape[1] != w.shape[0]:
+        raise ShapeError(f"conv_transpose of {x.shape} needs filters ({x.shape[1]}, C, kh, kw); got {w.shape}")
+    top, left, bottom, right = attrs["pads"]
+    extra_h, extra_w = attrs.get("output_padding", (0, 0))
+    if not (0 <= extra_h < sh and 0 <= extra_w < sw):
+        raise ShapeError(f"conv_transpose output_padding {(extra_h, extra_w)} must lie below the strides {(sh, sw)}")
+    h = (ho - 1) * sh + w.shape[2] - top - bottom + extra_h
+    width = (wo - 1) * sw + w.shape[3] - left - right + extra_w
+    return x.dtype, (x.shape[0], w.shape[1], h, width)
+
+
+@rule("conv_filter_grad")
+def shape_conv_filter_grad(inputs, attrs):
+    x, g = inputs
+    expected = _windows(x, attrs["kernel"], attrs["strides"], attrs["pads"], "conv_filter_grad")
+    if g.rank != 4 or tuple(g.shape[2:]) != expected:
+        raise ShapeError(f"conv_filter_grad of x {x.shape} needs g (N, F, {expected[0]}, {expected[1]}); got {g.shape}")
+    return x.dtype, (g.shape[1], x.shape[1], *attrs["kernel"])
+
+
+@rule("maxpool", "avgpool")
+def shape_pool(inputs, attrs):
+    (x,) = inputs
+    return x.dtype, (*x.shape[:2], *_windows(x, attrs["kernel"], attrs["strides"], (0, 0, 0, 0), "pooling"))
+
+
+@rule("maxpool_argmax")
+def shape_maxpool_argmax(inputs, attrs):
+    return "int64", shape_pool(inputs, attrs)[1]
+
+
+@rule("avgpool_transpose")
+def shape_avgpool_transpose(inputs, attrs):
+    (g,) = inputs
+    h, w = attrs["input_size"]
+    expected = (window_count(h, attrs["kernel"][0], attrs["strides"][0]),
+                window_count(w, attrs["kernel"][1], attrs["strides"][1]))
+    if tuple(g.shape[2:]) != expected:
+        raise ShapeError(f"avgpool_transpose to {h}×{w} needs g (N, C, {expected[0]}, {expected[1]}); got {g.shape}")
+    return g.dtype, (*g.shape[:2], h, w)
+
+
+@rule("take")
+def shape_take(inputs, attrs):
+    x, indices = inputs
+    if indices.dtype != "int64":
+        raise ShapeError(f"take needs int64 indices; got {indices.dtype}")
+    return x.dtype, indices.shape
+
+
+@rule("scatter_add")
+def shape_scatter_add(inputs, attrs):
+    x, indices, like = inputs
+    if indices.dtype != "int64" or tuple(indices.shape) != tuple(x.shape):
+        raise ShapeError(f"scatter_add needs int64 indices shaped like x {x.shape}; got {indices.dtype} {indices.shape}")
+    return x.dtype, like.shape
+
+
+# ---------------------------------------------------------------- sequences
+RECURRENT_GATES = {"rnn_seq": 1, "gru_seq": 3, "lstm_seq": 4}
+
+
+def folded(n, t):
+    """The size of a batch axis n and a time axis t merged into one: their product, or the symbol "n*t"."""
+    return n * t if isinstance(n, int) and isinstance(t, int) else f"{n}*{t}"
+
+
+def _sequence(x: Value, what: str):
+    """T of a sequence x (m, T, ...)."""
+    if x.rank < 2:
+        raise ShapeError(f"{what} needs a sequence (N, T, ...); got {tuple(x.shape)}")
+    return x.shape[1]
+
+
+def _static_rest(x: Value, what: str) -> None:
+    if any(not isinstance(d, int) for d in x.shape[2:]):
+        raise ShapeError(f"{what} needs static sizes after the batch and time axes; got {tuple(x.shape)}")
+
+
+def _axis_of(x: Value, attrs) -> int:
+    axis = attrs["axis"]
+    if not -x.rank <= axis < x.rank:
+        raise ShapeError(f"axis {axis} is outside a tensor of rank {x.rank}")
+    return axis % x.rank
+
+
+@rule("embedding")
+def shape_embedding(inputs, attrs):
+    w, ids = inputs
+    if w.rank != 2 or ids.dtype != "int64":
+        raise ShapeError(f"embedding needs a table W (V, D) and int64 ids; got W {w.shape}, ids {ids.dtype}")
+    return w.dtype, (*ids.shape, w.shape[1])
+
+
+@rule("embedding_grad")
+def shape_embedding_grad(inputs, attrs):
+    g, ids, like = inputs
+    if like.rank != 2 or ids.dtype != "int64" or tuple(g.shape) != (*ids.shape, like.shape[1]):
+        raise ShapeError(f"embedding_grad needs g (*ids.shape, D), int64 ids and a table (V, D); got g {g.shape}, "
+                         f"ids {ids.dtype} {ids.shape}, table {like.shape}")
+    return g.dtype, like.shape
+
+
+@rule("time_step")
+def shape_time_step(inputs, attrs):
+    (x,) = inputs
+    steps, t = _sequence(x, "time_step"), attrs["t"]
+    if isinstance(steps, int) and not -steps <= t < steps:
+        raise ShapeError(f"step {t} is outside a sequence of {steps} steps")
+    return x.dtype, (x.shape[0], *x.shape[2:])
+
+
+@rule("stack_steps")
+def shape_stack_steps(inputs, attrs):
+    first = inputs[0]
+    if any(tuple(v.shape) != tuple(first.shape) or v.dtype != first.dtype for v in inputs):
+        raise ShapeError(f"stack_steps needs steps of one shape and dtype; got {[tuple(v.shape) for v in inputs]}")
+    return first.dtype, (first.shape[0], len(inputs), *first.shape[1:])
+
+
+@rule("slice_axis")
+def shape_slice_axis(inputs, attrs):
+    (x,) = inputs
+    axis = _axis_of(x, attrs)
+    size, start, end = x.shape[axis], attrs["start"], attrs["end"]
+    if not isinstance(size, int) or not 0 <= start < end <= size:
+        raise ShapeError(f"slice [{start}:{end}] of axis {axis} does not fit {tuple(x.shape)}")
+    return x.dtype, (*x.shape[:axis], end - start, *x.shape[axis + 1:])
+
+
+@rule("pad_axis")
+def shape_pad_axis(inputs, attrs):
+    (x,) = inputs
+    axis = _axis_of(x, attrs)
+    size, before, after = x.shape[axis], attrs["before"], attrs["after"]
+    if not isinstance(size, int) or before < 0 or after < 0:
+        raise ShapeError(f"pad_axis needs a static axis {axis} and sizes ≥ 0; got {tuple(x.shape)}, {before}, {after}")
+    return x.dtype, (*x.shape[:axis], before + size + after, *x.shape[axis + 1:])
+
+
+@rule("concat")
+def shape_concat(inputs, attrs):
+    first = inputs[0]
+    axis = _axis_of(first, attrs)
+    sizes = [v.shape[axis] for v in inputs]
+    rest = [tuple(v.shape[:axis]) + tuple(v.shape[axis + 1:]) for v in inputs]
+    if any(r != rest[0] for r in rest) or any(not isinstance(s, int) for s in sizes) \
+            or any(v.dtype != first.dtype for v in inputs):
+        raise ShapeError(f"concat along axis {axis} needs static sizes there and equal shapes elsewhere; "
+                         f"got {[tuple(v.shape) for v in inputs]}")
+    return first.dtype, (*first.shape[:axis], sum(sizes), *first.shape[axis + 1:])
+
+
+@rule("fold_time")
+def shape_fold_time(inputs, attrs):
+    (x,) = inputs
+    steps = _sequence(x, "fold_time")
+    _static_rest(x, "fold_time")
+    return x.dtype, (folded(x.shape[0], steps), *x.shape[2:])
+
+
+@rule("unfold_time")
+def shape_unfold_time(inputs, attrs):
+    y, like = inputs
+    n, steps = like.shape[0], _sequence(like, "unfold_time")
+    if y.rank < 1 or y.shape[0] != folded(n, steps) or any(not isinstance(d, int) for d in y.shape[1:]):
+        raise ShapeError(f"unfold_time of {tuple(y.shape)} needs ({folded(n, steps)}, static sizes...) "
+                         f"to match {tuple(like.shape)}")
+    return y.dtype, (n, steps, *y.shape[1:])
+
+
+@rule("stop_gradient")
+def shape_stop_gradient(inputs, attrs):
+    (x,) = inputs
+    return x.dtype, x.shape
+
+
+def _shape_recurrent(gates: int, inputs, attrs):
+    x, w, r, bias = inputs
+    hidden = attrs["hidden"]
+    if x.rank != 3 or not isinstance(x.shape[2], int):
+        raise ShapeError(f"a recurrent layer needs a sequence (N, T, features); got {tuple(x.shape)}")
+    expected = ((1, gates * hidden, x.shape[2]), (1, gates * hidden, hidden), (1, 2 * gates * hidden))
+    if (tuple(w.shape), tuple(r.shape), tuple(bias.shape)) != expected:
+        raise ShapeError(f"a recurrent layer of {hidden} units over {x.shape[2]} features needs W, R, B of shapes "
+                         f"{expected}; got {tuple(w.shape)}, {tuple(r.shape)}, {tuple(bias.shape)}")
+    return x.dtype, ((x.shape[0], hidden) if attrs.get("last") else (x.shape[0], x.shape[1], hidden))
+
+
+@rule("rnn_seq")
+def shape_rnn_seq(inputs, attrs):
+    return _shape_recurrent(RECURRENT_GATES["rnn_seq"], inputs, attrs)
+
+
+@rule("gru_seq")
+def shape_gru_seq(inputs, attrs):
+    return _shape_recurrent(RECURRENT_GATES["gru_seq"], inputs, attrs)
+
+
+@rule("lstm_seq")
+def shape_lstm_seq(inputs, attrs):
+    return _shape_recurrent(RECURRENT_GATES["lstm_seq"], inputs, attrs)

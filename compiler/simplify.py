@@ -139,3 +139,58 @@ def simplify(graph: Graph, max_rounds: int = 10) -> Graph:
         if len(graph.nodes) == before:
             return graph
     return graph
+
+
+# ---------------------------------------------------------------- sequences
+Pieces = tuple[tuple[int, int, Value], ...]          # (offset, length, value) along one axis, by offset
+
+
+def _tiles(pieces: Pieces, size: int) -> bool:
+    end = 0
+    for offset, length, _ in pieces:
+        if offset != end:
+            return False
+        end = offset + length
+    return end == size
+
+
+def _joined(producers: dict[str, Node], node: Node, axis: int, pieces: Pieces) -> Node:
+    """The concat of the pieces in place of their sum; stack_steps where each piece is one unsqueezed step."""
+    values = [v for _, _, v in pieces]
+    steps = [producers.get(v.name) for v in values]
+    if axis == 1 and all(s is not None and s.op == "unsqueeze" and tuple(s.attr("axes")) == (1,) for s in steps):
+        return Node("stack_steps", tuple(s.inputs[0] for s in steps), node.output, {})
+    return Node("concat", tuple(values), node.output, {"axis": axis})
+
+
+def join_padded_pieces(graph: Graph) -> Graph:
+    """A sum of pad_axis pieces that tile their axis exactly once is the concat of the pieces.
+
+    The gradient of a tensor cut into steps (time_step) or gates (slice_axis) comes back as one
+    zero-padded piece per use, added up: T pads and T − 1 additions of the whole tensor. When the
+    pieces cover the axis once, that sum is one concat (one stack_steps for unsqueezed steps), and
+    the pads and additions are left dead.
+    """
+    producers = graph.producers()
+    pieces: dict[str, tuple[int, Pieces]] = {}
+    nodes, joined = [], False
+    for node in graph.nodes:
+        out = node.output
+        if node.op == "pad_axis":
+            x = node.inputs[0]
+            axis = node.attr("axis") % x.rank
+            pieces[out.name] = (axis, ((node.attr("before"), int(x.shape[axis]), x),))
+        elif node.op == "add" and all(v.name in pieces and tuple(v.shape) == tuple(out.shape) for v in node.inputs):
+            (axis, first), (other_axis, second) = (pieces[v.name] for v in node.inputs)
+            merged = tuple(sorted(first + second, key=lambda p: p[0]))
+            disjoint = all(p[0] + p[1] <= q[0] for p, q in zip(merged, merged[1:]))
+            if axis == other_axis and disjoint:
+                pieces[out.name] = (axis, merged)
+                if _tiles(merged, int(out.shape[axis])):
+                    node, joined = _joined(producers, node, axis, merged), True
+        nodes.append(node)
+    # the pads and partial sums left behind go now: `simplify` stops when a round keeps the node count
+    return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if joined else graph
+
+
+PASSES = PASSES + (join_padded_pieces,)

@@ -12,6 +12,9 @@ Optimisers (the notes' forms; t counts steps from 1):
     rmsprop   s ← β₂·s + (1 − β₂)·dW²;           W ← W − α·dW / (√s + ε)
     adam      v ← β₁·v + (1 − β₁)·dW;  s ← β₂·s + (1 − β₂)·dW²
               W ← W − α·(v / (1 − β₁ᵗ)) / (√(s / (1 − β₂ᵗ)) + ε)
+The updates are written for few passes over each tensor (every op of the step graph reads and
+writes whole tensors): averages as old + (1 − β)·(new − old), Adam's bias corrections folded
+into two scalars per step (`adam_scalars`).
 Decay of α by epoch (from 0):
     inverse α₀/(1 + rate·epoch), exponential α₀·rate^epoch, step α₀·factor^⌊epoch/every⌋
 Clipping: g ← g · c / max(‖g‖, c) with ‖g‖ the global norm over all gradients.
@@ -26,8 +29,9 @@ from .ir import Builder, Value
 from .lower import LowerContext
 
 # ---------------------------------------------------------------- losses
-LOSSES_FOR_OUTPUT = {"binary": ("binary_cross_entropy", "mse"), "class": ("cross_entropy",), "real": ("mse",)}
-DEFAULT_LOSS = {"binary": "binary_cross_entropy", "class": "cross_entropy", "real": "mse"}
+LOSSES_FOR_OUTPUT = {"binary": ("binary_cross_entropy", "mse"), "class": ("cross_entropy",), "real": ("mse",),
+                     "tokens": ("cross_entropy",)}          # per step: compiler/lower_sequence.py
+DEFAULT_LOSS = {"binary": "binary_cross_entropy", "class": "cross_entropy", "real": "mse", "tokens": "cross_entropy"}
 
 
 def data_loss(ctx: LowerContext, last: ast.Dense, a: Value, y: Value, loss: str) -> Value:
@@ -97,8 +101,9 @@ def update_sgd(ctx, w, g, alpha, t, slot):
 
 
 def _average(b: Builder, old: Value, new: Value, beta: Value) -> Value:
-    """β·old + (1 − β)·new, the exponentially weighted average."""
-    return b.add(b.mul(beta, old), b.mul(b.sub(b.scalar(1.0), beta), new))
+    """β·old + (1 − β)·new, the exponentially weighted average, as old + (1 − β)·(new − old):
+    three passes over the tensor, with (1 − β) a scalar."""
+    return b.add(old, b.mul(b.sub(b.scalar(1.0), beta), b.sub(new, old)))
 
 
 def update_momentum(ctx, w, g, alpha, t, slot):
@@ -117,17 +122,29 @@ def update_rmsprop(ctx, w, g, alpha, t, slot):
     return b.sub(w, b.mul(alpha, step)), {s.name: s_new}
 
 
-def update_adam(ctx, w, g, alpha, t, slot):
+def adam_scalars(ctx, alpha: Value, t: Value) -> tuple[Value, Value]:
+    """The bias corrections folded into two scalars (common-subexpression elimination leaves one
+    copy for all tensors):
+        α·(v/(1 − β₁ᵗ)) / (√(s/(1 − β₂ᵗ)) + ε) = c·v / (√s + ε̂),
+        c = α·√(1 − β₂ᵗ)/(1 − β₁ᵗ),   ε̂ = ε·√(1 − β₂ᵗ)."""
     b, opt = ctx.b, ctx.program.train.optimizer
     beta1, beta2 = ctx.hyperparameter("beta1", opt.beta1), ctx.hyperparameter("beta2", opt.beta2)
     eps = ctx.hyperparameter("eps", opt.eps)
+    one = b.scalar(1.0)
+    root2 = b.op("sqrt", b.sub(one, b.op("pow", beta2, t)))
+    c = b.div(b.mul(alpha, root2), b.sub(one, b.op("pow", beta1, t)))
+    return c, b.mul(eps, root2)
+
+
+def update_adam(ctx, w, g, alpha, t, slot):
+    # v ← v + (1 − β₁)(g − v); s ← s + (1 − β₂)(g² − s); W ← W − c·v / (√s + ε̂): 12 passes
+    b, opt = ctx.b, ctx.program.train.optimizer
+    beta1, beta2 = ctx.hyperparameter("beta1", opt.beta1), ctx.hyperparameter("beta2", opt.beta2)
     v, s = slot("v"), slot("s")
     v_new, s_new = _average(b, v, g, beta1), _average(b, s, b.mul(g, g), beta2)
-    one = b.scalar(1.0)
-    v_hat = b.div(v_new, b.sub(one, b.op("pow", beta1, t)))
-    s_hat = b.div(s_new, b.sub(one, b.op("pow", beta2, t)))
-    step = b.div(v_hat, b.add(b.op("sqrt", s_hat), eps))
-    return b.sub(w, b.mul(alpha, step)), {v.name: v_new, s.name: s_new}
+    c, eps_hat = adam_scalars(ctx, alpha, t)
+    step = b.div(v_new, b.add(b.op("sqrt", s_new), eps_hat))
+    return b.sub(w, b.mul(c, step)), {v.name: v_new, s.name: s_new}
 
 
 OPTIMIZERS = {"sgd": update_sgd, "momentum": update_momentum, "rmsprop": update_rmsprop, "adam": update_adam}

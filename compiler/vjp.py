@@ -10,7 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from .ir import Builder, Node, Value
+from .ir import NON_DIFFERENTIABLE, Builder, Node, Value
+from .shapes import unread
 
 VJP_RULES: dict[str, Callable[[Builder, Value, Node], tuple[Value | None, ...]]] = {}
 
@@ -43,7 +44,7 @@ def _reduced_count(b: Builder, x: Value, axes: tuple[int, ...]) -> Value:
     return count
 
 
-@vjp(*sorted({"const", "sign", "floor", "greater", "cast", "one_hot", "batch_count"}))
+@vjp(*sorted(NON_DIFFERENTIABLE))
 def vjp_none(b, g, node):
     return (None,) * len(node.inputs)
 
@@ -247,3 +248,178 @@ def vjp_mse(b, g, node):
     count = _reduced_count(b, p, tuple(range(p.rank)))
     gp = b.mul(b.div(b.mul(g, b.scalar(2.0)), count), b.sub(p, y))
     return gp, b.neg(gp)
+
+
+# ---------------------------------------------------------------- convolution and pooling
+# conv is bilinear in (x, w): ⟨conv(x, w), g⟩ = ⟨x, conv_transpose(g, w)⟩ = ⟨w, conv_filter_grad(x, g)⟩.
+# The three ops are each other's adjoints, so their VJPs close over the same three ops.
+def _conv_attrs(node: Node) -> dict:
+    return {"strides": node.attr("strides"), "pads": node.attr("pads")}
+
+
+def _output_padding(x: Value, kernel, strides, pads) -> tuple[int, int]:
+    """The rows and columns of x after conv's last window, which conv_transpose must give back."""
+    top, left, bottom, right = pads
+    return (unread(int(x.shape[2]), kernel[0], strides[0], top, bottom),
+            unread(int(x.shape[3]), kernel[1], strides[1], left, right))
+
+
+@vjp("conv")
+def vjp_conv(b, g, node):
+    # dx = conv_transpose(g, w),  dw = conv_filter_grad(x, g),  db[f] = Σ_{n,p,q} g[n, f, p, q]
+    x, w, *bias = node.inputs
+    attrs, kernel = _conv_attrs(node), tuple(w.shape[2:])
+    dx = b.op("conv_transpose", g, w, **attrs,
+              output_padding=_output_padding(x, kernel, attrs["strides"], attrs["pads"]))
+    dw = b.op("conv_filter_grad", x, g, **attrs, kernel=kernel)
+    db = [b.op("reduce_sum", g, axes=(0, 2, 3), keepdims=False)] if bias else []
+    return (dx, dw, *db)
+
+
+@vjp("conv_transpose")
+def vjp_conv_transpose(b, g, node):
+    # y = conv_transpose(x, w) = (∂conv/∂x)ᵀ x:  dx = conv(g, w),  dw = conv_filter_grad(g, x)
+    x, w = node.inputs
+    attrs = _conv_attrs(node)
+    return (b.op("conv", g, w, **attrs),
+            b.op("conv_filter_grad", g, x, **attrs, kernel=tuple(w.shape[2:])))
+
+
+@vjp("conv_filter_grad")
+def vjp_conv_filter_grad(b, g, node):
+    # ⟨conv_filter_grad(x, h), g⟩ = ⟨conv(x, g), h⟩:  dx = conv_transpose(h, g),  dh = conv(x, g)
+    x, h = node.inputs
+    attrs, kernel = _conv_attrs(node), node.attr("kernel")
+    dx = b.op("conv_transpose", h, g, **attrs,
+              output_padding=_output_padding(x, kernel, attrs["strides"], attrs["pads"]))
+    return dx, b.op("conv", x, g, **attrs)
+
+
+@vjp("maxpool")
+def vjp_maxpool(b, g, node):
+    # each g goes to the (first) maximum of its window; overlapping windows add up
+    (x,) = node.inputs
+    argmax = b.op("maxpool_argmax", x, kernel=node.attr("kernel"), strides=node.attr("strides"))
+    return (b.op("scatter_add", g, argmax, x),)
+
+
+@vjp("avgpool")
+def vjp_avgpool(b, g, node):
+    # dx[p] = Σ over the windows w ∋ p of g[w] / (kh·kw)
+    (x,) = node.inputs
+    return (b.op("avgpool_transpose", g, kernel=node.attr("kernel"), strides=node.attr("strides"),
+                 input_size=tuple(int(d) for d in x.shape[2:])),)
+
+
+@vjp("avgpool_transpose")
+def vjp_avgpool_transpose(b, g, node):
+    return (b.op("avgpool", g, kernel=node.attr("kernel"), strides=node.attr("strides")),)
+
+
+@vjp("take")
+def vjp_take(b, g, node):
+    # y = x.flat[i]:  dx = scatter_add(g, i) (an index taken twice gets both gradients)
+    x, indices = node.inputs
+    return b.op("scatter_add", g, indices, x), None
+
+
+@vjp("scatter_add")
+def vjp_scatter_add(b, g, node):
+    # y.flat[i] += x:  dx = g.flat[i]
+    _, indices, _ = node.inputs
+    return b.op("take", g, indices), None, None
+
+
+# ---------------------------------------------------------------- sequences
+# The slicing ops and their adjoints come in pairs: time_step ↔ pad_axis of one step,
+# slice_axis ↔ pad_axis, concat/stack_steps ↔ slices, fold_time ↔ unfold_time, embedding ↔
+# embedding_grad. Pads of the pieces of one tensor, summed, become one concat again in the
+# simplifier (`join_padded_pieces`).
+def _static_steps(x: Value, what: str) -> int:
+    steps = x.shape[1]
+    if not isinstance(steps, int):
+        raise ValueError(f"the gradient of {what} needs a static number of steps; got {x.shape}")
+    return steps
+
+
+@vjp("embedding")
+def vjp_embedding(b, g, node):
+    # y = W[ids]:  dW = Σ of g's rows into the rows the ids picked
+    w, ids = node.inputs
+    return b.op("embedding_grad", g, ids, w), None
+
+
+@vjp("embedding_grad")
+def vjp_embedding_grad(b, g, node):
+    # y[ids] += g:  dg = g[ids]
+    _, ids, _ = node.inputs
+    return b.op("embedding", g, ids), None, None
+
+
+@vjp("time_step")
+def vjp_time_step(b, g, node):
+    # y = x[:, t]:  dx = g at step t, zeros at the other steps
+    (x,) = node.inputs
+    steps = _static_steps(x, "time_step")
+    t = node.attr("t") % steps
+    return (b.op("pad_axis", b.op("unsqueeze", g, axes=(1,)), axis=1, before=t, after=steps - 1 - t),)
+
+
+@vjp("stack_steps")
+def vjp_stack_steps(b, g, node):
+    # y[:, t] = x_t:  dx_t = g[:, t]
+    return tuple(b.op("time_step", g, t=t) for t in range(len(node.inputs)))
+
+
+@vjp("slice_axis")
+def vjp_slice_axis(b, g, node):
+    # y = x[start:end]:  dx = g padded back with zeros to x's size
+    (x,) = node.inputs
+    axis = node.attr("axis") % x.rank
+    start, end = node.attr("start"), node.attr("end")
+    return (b.op("pad_axis", g, axis=axis, before=start, after=int(x.shape[axis]) - end),)
+
+
+@vjp("pad_axis")
+def vjp_pad_axis(b, g, node):
+    # y = [0, x, 0]:  dx = g[before:before + n]
+    (x,) = node.inputs
+    axis = node.attr("axis") % x.rank
+    before = node.attr("before")
+    return (b.op("slice_axis", g, axis=axis, start=before, end=before + int(x.shape[axis])),)
+
+
+@vjp("concat")
+def vjp_concat(b, g, node):
+    # y = [x_0, x_1, ...]:  dx_i = g over x_i's range
+    axis = node.attr("axis") % node.output.rank
+    grads, start = [], 0
+    for x in node.inputs:
+        end = start + int(x.shape[axis])
+        grads.append(b.op("slice_axis", g, axis=axis, start=start, end=end))
+        start = end
+    return tuple(grads)
+
+
+@vjp("fold_time")
+def vjp_fold_time(b, g, node):
+    return (b.op("unfold_time", g, node.inputs[0]),)
+
+
+@vjp("unfold_time")
+def vjp_unfold_time(b, g, node):
+    return b.op("fold_time", g), None
+
+
+@vjp("rnn_seq", "gru_seq", "lstm_seq")
+def vjp_recurrent(b, g, node):
+    # the ONNX recurrent ops have no adjoint op: unroll the cell over the (static) window with
+    # compiler.cells, then reverse-mode differentiate ⟨y, g⟩ with g held constant
+    from .autodiff import grad
+    from .cells import unroll
+    _static_steps(node.inputs[0], node.op)
+    y = unroll(b, node.op.removesuffix("_seq"), *node.inputs, activation=node.attr("activation", "tanh"),
+               last=bool(node.attr("last", False)))
+    inner = b.op("reduce_sum", b.mul(y, b.op("stop_gradient", g)), axes=None, keepdims=False)
+    grads = grad(b, inner, node.inputs)
+    return tuple(grads[v.name] for v in node.inputs)

@@ -51,10 +51,10 @@ class DlnError(Exception):
         if self.span is None:
             return f"{where}: error: {self.message}"
         head = f"{where}:{self.span.line}:{self.span.column}: error: {self.message}"
-        lines = (self.source or "").splitlines()
+        lines = (self.source or "").split("\n")       # lines as the parser counts them (not \f, \x1c, ...)
         if not 1 <= self.span.line <= len(lines):
             return head
-        text = lines[self.span.line - 1].expandtabs(1).rstrip("\n")
+        text = lines[self.span.line - 1].expandtabs(1).rstrip("\r")
         start = max(self.span.column - 1, 0)
         end = self.span.end_column - 1 if self.span.end_line == self.span.line else len(text)
         width = max(1, min(end, len(text)) - start)

@@ -70,7 +70,7 @@ class Comment:
 def comments(text: str) -> list[Comment]:
     """The `#` comments of `text` (a `#` inside a string is no comment)."""
     found = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):     # the parser's lines (not \x85, \u2028, ...)
         at = _comment_start(line)
         if at is not None:
             found.append(Comment(number, line[at:].rstrip(), not line[:at].strip()))
@@ -127,7 +127,7 @@ def format_syntax(syntax: Syntax, text: str) -> str:
     trailing = {c.line: c.text for c in notes if not c.alone}
     owner = {e.end: i for i, e in enumerate(evs)}       # the last event ending on each line
     alone = [c for c in notes if c.alone]
-    blank = {n for n, line in enumerate(text.splitlines(), start=1) if not line.strip()}
+    blank = {n for n, line in enumerate(text.split("\n"), start=1) if not line.strip()}
     lines: list[str] = []
     last = 0                                            # the last source line written
     for i, e in enumerate(evs):

@@ -76,7 +76,7 @@ def _overridden(param: ParamDef, text: str) -> ParamDef:
     if isinstance(declared, String):
         value: Number | Word | String = String(text, span)
     elif isinstance(declared, Number) and _NUMBER.fullmatch(text.strip()):
-        value = Number(_to_number(text.strip()), text.strip(), span)
+        value = Number(_to_number(text.strip(), param.name), text.strip(), span)
     elif isinstance(declared, Word) and _NAME.fullmatch(text.strip()):
         value = Word(text.strip(), span)
     else:
@@ -85,8 +85,14 @@ def _overridden(param: ParamDef, text: str) -> ParamDef:
     return ParamDef(param.name, value, param.span, span)
 
 
-def _to_number(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".eE") else int(text)
+def _to_number(text: str, name: str) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)
+    try:
+        return int(text)
+    except ValueError:                      # more digits than Python converts (sys.int_info)
+        raise DlnError(f"--set {name}=...: a whole number of {len(text)} digits is too long; write it "
+                       f"with an exponent") from None
 
 
 # ---------------------------------------------------------------- substitution

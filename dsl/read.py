@@ -118,13 +118,19 @@ def number(value: Value, what: str, params: Iterable[str]) -> int | float:
     raise DlnError(f"{what} must be a number, not {show(value)}", span=value.span)
 
 
+INT64_MAX = 2 ** 63 - 1          # sizes, strides and seeds end up in int64 ONNX attributes and numpy
+
+
 def integer(value: Value, what: str, params: Iterable[str], low: int = 1) -> int:
-    """A whole number ≥ `low`."""
+    """A whole number from `low` to INT64_MAX."""
     x = number(value, what, params)
     if isinstance(x, float) and not (math.isfinite(x) and x.is_integer()):
         raise DlnError(f"{what} must be a whole number, got {_text(value)}", span=value.span)
     if x < low:
         raise DlnError(f"{what} must be at least {low}, got {_text(value)}", span=value.span)
+    if x > INT64_MAX:
+        raise DlnError(f"{what} must be at most {INT64_MAX} (a 64-bit integer), got {_text(value)}",
+                       span=value.span)
     return int(x)
 
 

@@ -155,8 +155,15 @@ def _unquote(text: str) -> str:
     return "".join(out)
 
 
-def _number(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".eE") else int(text)
+def _number(text: str, span: Span | None = None) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)
+    try:
+        return int(text)
+    except ValueError:                      # more digits than Python converts (sys.int_info)
+        digits = len(text.lstrip("-"))
+        raise DlnError(f"a whole number of {digits} digits is too long; write it with an exponent, "
+                       f"like 1e{digits - 1}", span=span) from None
 
 
 def _args(args: tuple | None) -> tuple:
@@ -198,7 +205,7 @@ class _ToSyntax(Transformer):
 
     @v_args(inline=True)
     def number(self, t):
-        return Number(_number(t), str(t), token_span(t))
+        return Number(_number(t, token_span(t)), str(t), token_span(t))
 
     @v_args(inline=True)
     def string(self, t):
@@ -323,7 +330,8 @@ def _bad_character(text: str, pos: int, span: Span) -> DlnError:
     if char in "./\\":
         return DlnError(f"unexpected character '{char}' — write file names in double quotes, "
                         f'like "{_path_around(text, pos)}"', span=span)
-    return DlnError(f"unexpected character '{char}'", span=span)
+    shown = char if char.isprintable() else f"U+{ord(char):04X}" if char else "end of input"
+    return DlnError(f"unexpected character '{shown}'", span=span)
 
 
 def _path_around(text: str, pos: int) -> str:
@@ -376,7 +384,7 @@ def _narrow(expected: set[str], stack: list) -> set[str]:
 
 def _end_point(text: str) -> Span:
     """Just after the last character of the last non-blank line."""
-    lines = text.rstrip().splitlines() or [""]
+    lines = text.rstrip().split("\n")
     return Span.point(len(lines), len(lines[-1].expandtabs(1)) + 1)
 
 

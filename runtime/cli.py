@@ -1,4 +1,4 @@
-"""The `dlnc` command line: check, fmt, shapes, compile, run, predict, info.
+"""The `dlnc` command line: check, fmt, shapes, compile, run, predict, info, sample, score.
 
 Exit codes: 0 success, 2 a user error (language, data, files, options), 1 anything else.
 A user error prints as `file:line:col: error: message` with the source line and a caret;
@@ -20,7 +20,7 @@ import numpy as np
 
 import dsl
 from compiler import __version__
-from compiler.emit import DEFAULT_IR_VERSION, DEFAULT_OPSET
+from compiler.emit import DEFAULT_OPSET, MIN_OPSET, newest_opset, resolve_target
 from compiler.lower import Normalization, check_available, unavailable_feature
 from compiler.program import Compiled, check_program, compile_program, with_weights
 from dsl import ast
@@ -39,7 +39,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, eq, value = pair.partition("=")
         if not eq or not name.strip():
-            raise DlnError(f"--set {pair!r}: write --set NAME=VALUE, for example --set lr=0.01")
+            raise DlnError(f"--set {pair!r}: write --set NAME=VALUE, for example --set lr=0.01", path="dlnc")
         overrides[name.strip()] = value.strip()
     return overrides
 
@@ -66,14 +66,16 @@ def load_data(program: ast.Program) -> Splits:
 
 
 def compile_with_data(program: ast.Program, splits: Splits | None, opset: int = DEFAULT_OPSET,
-                      ir_version: int = DEFAULT_IR_VERSION) -> Compiled:
+                      ir_version: int | None = None) -> Compiled:
     norm = None
     if splits is not None and program.data is not None and program.data.normalize:
         stats = normalization(splits.train.x)
         norm = Normalization(stats.mean, stats.std)
     classes = splits.classes if splits is not None else program.output.labels
+    tokens = splits is not None and program.input.kind == "tokens"       # vocabulary and window from the data
     return compile_program(program, norm, classes=tuple(classes), source_hash=source_hash(program),
-                           opset=opset, ir_version=ir_version)
+                           opset=opset, ir_version=ir_version, vocab=splits.vocab if splits is not None else (),
+                           steps=int(splits.train.x.shape[1]) if tokens else None)
 
 
 # ---------------------------------------------------------------- commands
@@ -102,60 +104,59 @@ def cmd_fmt(args) -> int:
 
 def cmd_shapes(args) -> int:
     program = load_program(args)
-    print(report.shapes_table(program, compile_program(program).layers))
+    tokens = "tokens" in (program.input.kind, program.output.kind) and program.data is not None
+    compiled = compile_with_data(program, load_data(program)) if tokens else compile_program(program)
+    print(report.shapes_table(program, compiled.layers))
     return EXIT_OK
 
 
 def cmd_compile(args) -> int:
     program = load_program(args)
+    try:
+        resolve_target(args.opset, args.ir_version)          # a bad --opset before any data is read
+    except DlnError as exc:
+        raise DlnError(exc.message, path="dlnc compile") from None
     check_available(program)
     splits = load_data(program) if program.data is not None else None
     compiled = compile_with_data(program, splits, args.opset, args.ir_version)
     out = Path(args.output)
     write_atomic(out / "model.onnx", compiled.model.SerializeToString())
     write_atomic(out / "train_step.onnx", compiled.train_step.SerializeToString())
-    print(f"wrote {out / 'model.onnx'} and {out / 'train_step.onnx'}")
+    written = [out / "model.onnx", out / "train_step.onnx"]
+    if args.svg:
+        from .svg import layer_graph_svg
+        normalized = splits is not None and program.data is not None and program.data.normalize
+        write_atomic(out / "model.svg", layer_graph_svg(program, compiled.layers, normalized).encode())
+        written.append(out / "model.svg")
+    print("wrote " + ", ".join(map(str, written[:-1])) + f" and {written[-1]}")
     return EXIT_OK
 
 
-def run_folder(args, program: ast.Program) -> Path:
-    if args.output:
-        out = Path(args.output)
-        if (out / "model.onnx").exists() and not args.force:
-            raise DlnError(f"{out} already holds a run; pass --force to overwrite it, or choose another -o")
-        return out
-    return Path("runs") / f"{program.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def cmd_run(args) -> int:
-    from .trainer import train
+    from . import run
     program = load_program(args)
     check_available(program)
     compile_program(program)                       # language and shape errors before any data is read
+    if args.checkpoint_interval < 0:
+        raise DlnError("--checkpoint-interval must be 0 (every epoch) or a positive number of seconds",
+                       path="dlnc run")
+    if args.resume and args.force:
+        raise DlnError("--resume continues a run and --force starts it over; pass one of them", path="dlnc run")
+    out = run.choose_folder(args.output, program.name, force=args.force, resume=args.resume)
     splits = load_data(program)
     compiled = compile_with_data(program, splits)
-    out = run_folder(args, program)
-    bar = report.progress(program.train.epochs, enabled=not (args.quiet or args.json))
-    lines: list[str] = []
-
-    def on_epoch(record):
-        lines.append(json.dumps(report.epoch_json(record)))
-        bar.update(record)
-
-    try:
-        result = train(compiled, splits, device=args.device, threads=args.threads, on_epoch=on_epoch)
-    finally:
-        bar.close()
-    trained = with_weights(compiled.model, result.weights)
-    write_atomic(out / "train_step.onnx", compiled.train_step.SerializeToString())
-    write_atomic(out / "metrics.jsonl", ("\n".join(lines) + "\n").encode())
-    write_atomic(out / "config.json", json.dumps(report.config_json(program, source_hash(program)), indent=2).encode())
-    write_atomic(out / "model.onnx", trained.SerializeToString())
-    summary = report.summary_json(program, result, out)
+    summary = run.run(program, compiled, splits, out, device=args.device, threads=args.threads,
+                      resume=args.resume, force=args.force, check_numerics=args.check_numerics,
+                      checkpoint_interval=args.checkpoint_interval, quiet=args.quiet, as_json=args.json,
+                      source_hash=source_hash(program))
+    text = summary.pop("text")
+    if program.output.kind == "tokens":                        # language models: perplexity against a unigram
+        from .language import with_perplexities
+        summary, text = with_perplexities(summary, text, program, splits)
     if args.json:
         print(json.dumps(summary))
     elif not args.quiet:
-        print(report.summary_text(program, result, out))
+        print(text)
     return EXIT_OK
 
 
@@ -169,12 +170,24 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_sample(args) -> int:
+    from .language import load_language_model, sample
+    print(sample(load_language_model(args.model), args.start, args.length, args.temperature, args.seed))
+    return EXIT_OK
+
+
+def cmd_score(args) -> int:
+    from .language import load_language_model, score_text
+    print(score_text(load_language_model(args.model), args.sentence))
+    return EXIT_OK
+
+
 def cmd_not_yet(args) -> int:
     raise DlnError(f"`dlnc {args.command}` is not available yet in this version of dlnc "
                    f"(it comes with the {NOT_YET[args.command]}); dlnc run trains a single model")
 
 
-NOT_YET = {"search": "hyperparameter-search work", "sample": "sequence-model work", "score": "sequence-model work"}
+NOT_YET = {"search": "hyperparameter-search work"}
 
 
 # ---------------------------------------------------------------- the parser
@@ -199,13 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_set(command("shapes", cmd_shapes, "per layer: W, b, Z/A shapes, parameters, FLOPs"))
     p = with_set(command("compile", cmd_compile, "write model.onnx and train_step.onnx"))
     p.add_argument("-o", "--output", default="out", help="output folder (default out/)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--ir-version", type=int, default=DEFAULT_IR_VERSION)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to {newest_opset()} (default {DEFAULT_OPSET})")
+    p.add_argument("--ir-version", type=int, default=None,
+                   help="ONNX IR version (default: 8, or the oldest that carries the opset)")
+    p.add_argument("--svg", action="store_true", help="also write model.svg, a drawing of the layer graph")
     p = with_set(command("run", cmd_run, "train, evaluate and export"))
     p.add_argument("-o", "--output", help="run folder (default runs/<model>-<time>/)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in -o DIR from its newest complete checkpoint")
+    p.add_argument("--check-numerics", action="store_true",
+                   help="after every step, check that every updated parameter and optimiser slot is finite")
+    p.add_argument("--checkpoint-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="write a checkpoint after an epoch when this long has passed since the last one "
+                        "(default 1; 0: after every epoch; the last epoch always gets one)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quiet", action="store_true")
     mode.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -215,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write predictions to this .csv or .npy instead of printing")
     p = command("info", cmd_info, "inputs, outputs, opset and dlnc metadata of a model", file_arg=False)
     p.add_argument("model")
+    p = command("sample", cmd_sample, "generate text with a language model", file_arg=False)
+    p.add_argument("model", help="a language model (.onnx) from dlnc run")
+    p.add_argument("--start", default="", help="text to continue (default: a new example)")
+    p.add_argument("--length", type=int, default=40, help="most tokens to generate (default 40; <EOS> stops)")
+    p.add_argument("--temperature", type=float, default=1.0, help="below 1 sharper, above 1 flatter (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for the same text again")
+    p = command("score", cmd_score, "log-probability of a sentence, and of each token", file_arg=False)
+    p.add_argument("model", help="a language model (.onnx) from dlnc run")
+    p.add_argument("sentence")
     for name in NOT_YET:
         p = sub.add_parser(name, help=f"not available yet")
         p.add_argument("rest", nargs=argparse.REMAINDER)

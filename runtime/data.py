@@ -13,7 +13,15 @@ Sources
   label is given; `label="a,b"` names several target columns for `real[K]`). Labels may be
   names (`setosa`, `yes`), mapped to class indices in the order of `class[a, b, ...]` when the
   program names its classes, else in sorted order.
-- text and image folders: not available yet (a `DlnError`).
+- an image folder (`source "images/"`): one sub-folder per class, named after it; the PNG and
+  JPEG files directly inside each are decoded with Pillow, converted to grey (C = 1) or RGB
+  (C = 3), resized to the declared `float[C, H, W]` (bilinear) and scaled to [0, 1]. Class
+  names are the folder names, in the order of `class[a, b, ...]` when the program names its
+  classes, else sorted (for a binary output the first name is 0). Other files are skipped.
+  Every image is decoded before the run starts: the files that cannot be decoded are listed
+  with their paths and nothing trains; an image of more than MAX_IMAGE_PIXELS pixels is
+  refused as a possible decompression bomb (its header is read, never its pixels).
+- text sources and token ids (`tokens` inputs or outputs): `runtime/text.py`.
 A flat source whose width equals C·H·W is reshaped to a declared image input `float[C, H, W]`.
 
 Splits (all shuffled with `np.random.default_rng(seed)`; for `class` and `binary` outputs
@@ -22,13 +30,18 @@ example of its ideal share, and each split's size is n·fraction rounded by larg
 ties to the earlier split in train, dev, test order — see `stratified_counts`):
 - one source: `split train dev test` of it (default 0.8 / 0.1 / 0.1).
 - `train_dev F`: a fraction F of the train split becomes the training-dev split.
-- `dev_source FILE`: dev and test come from that file, split 50/50 (stratified). When the
-  block writes no `split`, the primary source is all train. When it writes one, the primary
-  source is split as written and its dev and test parts join the dev and test parts of the
-  other file (first the primary's examples, then the other file's).
-- `test_source FILE`: test is all of that file (and with `dev_source` as well, dev is all of
-  the dev file, not half of it). When no `split` is written, the primary source is split into
-  train and dev with the default fractions, the test share going to train (0.9 / 0.1).
+- `dev_source FILE`: data of the distribution that matters (the notes' "phone pictures"),
+  split 50/50 as the notes describe: one half is mixed into the train split, the other half
+  is cut 50/50 into dev and test (all stratified). So dev and test come only from that
+  distribution, and the model sees some of it in training. When the block writes no
+  `split`, the primary source is all train. When it writes one, the primary source is split
+  as written and its dev and test parts join the dev and test parts of the other file (first
+  the primary's examples, then the other file's).
+- `test_source FILE`: test is all of that file (and with `dev_source` as well, the dev file is
+  split 50/50 into train and dev). When no `split` is written, the primary source is split
+  into train and dev with the default fractions, the test share going to train (0.9 / 0.1).
+- `train_dev F` is carved out of the train split after the mixing, so train and train-dev
+  share one distribution, and dev − train-dev measures the data mismatch.
 Whether a `split` was written is read from its span (the default `Split()` has none).
 
 Errors in the data are `DlnError`s that name the data file (and the row, or the CSV line,
@@ -41,10 +54,13 @@ Nothing is written anywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import math
+import re
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -88,6 +104,9 @@ class Splits:
     train_dev: Dataset | None
     classes: tuple[str, ...]
     source_hash: str
+    dev_distribution: str = "same"       # "other": dev holds examples of dev_source
+    test_distribution: str = "same"      # "other": test holds examples of dev_source or test_source
+    vocab: tuple[str, ...] = ()          # token data: the vocabulary, ids are positions (runtime/text.py)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +128,7 @@ class _Where:
     span: Span | None
     program_path: str | None
     lines: np.ndarray | None = None      # CSV: the file line of each example
+    files: tuple[str, ...] | None = None  # image folders: the file of each example
 
     def error(self, message: str) -> DlnError:
         text = f"{self.name}: {message}"
@@ -120,6 +140,8 @@ class _Where:
         """How a message names example i: its CSV line, or its row in the arrays."""
         if self.lines is not None:
             return f"line {int(self.lines[i])}"
+        if self.files is not None:
+            return self.files[i]
         return f"row {i}"
 
 
@@ -138,13 +160,16 @@ class _Raw:
 def load_splits(data: ast.Data, input: ast.InputDecl, output: ast.OutputDecl,
                 base_dir: Path, seed: int, *, program_path: str | None = None) -> Splits:
     """Read, check and split the examples of a `data` block (see the module docstring)."""
+    from . import text
+    if text.uses_tokens(data, input, output):                  # text files and token ids: runtime/text.py
+        return text.load_token_splits(data, input, output, base_dir, seed, program_path=program_path)
     _check_supported(data, input, output, program_path)
     _check_fractions(data, program_path)
     base_dir = Path(base_dir)
-    primary = _read_source(data.source, base_dir, seed, program_path)
-    dev_raw = (_read_source(data.dev_source, base_dir, seed, program_path)
+    primary = _read_source(data.source, base_dir, seed, program_path, input)
+    dev_raw = (_read_source(data.dev_source, base_dir, seed, program_path, input)
                if data.dev_source else None)
-    test_raw = (_read_source(data.test_source, base_dir, seed, program_path)
+    test_raw = (_read_source(data.test_source, base_dir, seed, program_path, input)
                 if data.test_source else None)
     raws = [r for r in (primary, dev_raw, test_raw) if r is not None]
 
@@ -158,12 +183,16 @@ def load_splits(data: ast.Data, input: ast.InputDecl, output: ast.OutputDecl,
     fractions = _primary_fractions(data)
     train, dev, test = _split(primary_set, fractions, rng, stratify)
     if dev_set is not None and test_set is None:
-        extra_dev, extra_test = _split(dev_set, (0.5, 0.5), rng, stratify)
+        mixed, extra_dev, extra_test = _split(dev_set, (0.5, 0.25, 0.25), rng, stratify)
+        train = _concat(train, mixed)
         dev, test = _concat(dev, extra_dev), _concat(test, extra_test)
     elif dev_set is not None:
-        dev = _concat(dev, dev_set)
+        mixed, extra_dev = _split(dev_set, (0.5, 0.5), rng, stratify)
+        train, dev = _concat(train, mixed), _concat(dev, extra_dev)
     if test_set is not None:
         test = _concat(test, test_set)
+    if train is not None and dev_set is not None:
+        train = _shuffled(train, rng)                 # the mixed-in examples spread over train
 
     if train is None:
         raise primary.where.error(
@@ -177,24 +206,31 @@ def load_splits(data: ast.Data, input: ast.InputDecl, output: ast.OutputDecl,
                 f"train_dev {data.train_dev} leaves no training examples "
                 "— use a smaller fraction")
     return Splits(train=train, dev=dev, test=test, train_dev=train_dev, classes=classes,
-                  source_hash=_combined_hash([r.digest for r in raws]))
+                  source_hash=_combined_hash([r.digest for r in raws]),
+                  dev_distribution="other" if dev_raw is not None else "same",
+                  test_distribution="other" if (dev_raw or test_raw) is not None else "same")
 
 
 def _check_supported(data: ast.Data, input: ast.InputDecl, output: ast.OutputDecl,
                      program_path: str | None) -> None:
-    """Text and image-folder data, and token inputs or outputs, come later."""
+    """Text data, and token inputs or outputs, come later; image folders need image inputs."""
     for source in (data.source, data.dev_source, data.test_source):
-        if source is not None and source.kind in ("text", "images"):
-            kind = "text" if source.kind == "text" else "image folder"
-            hint = (did_you_mean(source.path.rstrip("/"), BUILTINS)
-                    if source.kind == "images" else "")
-            raise DlnError(f"{kind} sources are not available yet ('{source.path}'){hint} — "
-                           "use a built-in data set, an .npz or a .csv file",
+        if source is not None and source.kind == "text":
+            raise DlnError(f"text sources are not available yet ('{source.path}') — "
+                           "use a built-in data set, an .npz or a .csv file, or a folder of images",
                            span=source.span, path=program_path)
     if input.kind != "float" or output.kind not in ("class", "binary", "real"):
         raise DlnError("token inputs and outputs need text sources, which are not available yet",
                        span=(input.span if input.kind != "float" else output.span),
                        path=program_path)
+    for source in (data.source, data.dev_source, data.test_source):
+        if source is not None and source.kind == "images" and \
+                (len(input.shape) != 3 or input.shape[0] not in (1, 3)):
+            shape = ", ".join(map(str, input.shape))
+            raise DlnError(f"an image folder ('{source.path}') needs an image input, "
+                           f"`{input.name}: float[C, H, W]` with C = 1 (grey) or 3 (RGB), "
+                           f"not float[{shape}]",
+                           span=input.span or source.span, path=program_path)
 
 
 def _check_fractions(data: ast.Data, program_path: str | None) -> None:
@@ -230,12 +266,14 @@ def _combined_hash(digests: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------- reading sources
 def _read_source(source: ast.Source, base_dir: Path, seed: int,
-                 program_path: str | None) -> _Raw:
+                 program_path: str | None, input: ast.InputDecl | None = None) -> _Raw:
     """A source's arrays as stored, with its digest; no checks of their content yet."""
     if source.kind == "builtin":
         return _read_builtin(source, seed, program_path)
     path = Path(source.path)
     file = path if path.is_absolute() else base_dir / path
+    if source.kind == "images":
+        return _read_image_folder(source, file, tuple(input.shape), program_path)
     where = _Where(f"data file '{source.path}'", str(file), source.span, program_path)
     blob = _read_bytes(file, where)
     digest = hashlib.sha256(blob).hexdigest()
@@ -256,8 +294,8 @@ def _with_lines(where: _Where, lines: np.ndarray) -> _Where:
 
 def _read_bytes(file: Path, where: _Where) -> bytes:
     if not file.exists():
-        raise where.error(f"the file does not exist (looked for {file}) — check the path; "
-                          "relative paths start at the folder of the .dln file")
+        hint = "; relative paths start at the folder of the .dln file" if where.program_path else ""
+        raise where.error(f"the file does not exist (looked for {file}) — check the path{hint}")
     if file.is_dir():
         raise where.error(f"{file} is a folder, not a data file")
     try:
@@ -291,6 +329,118 @@ def _read_builtin(source: ast.Source, seed: int, program_path: str | None) -> _R
         names = tuple(str(t) for t in bunch.target_names)
     digest = hashlib.sha256(identity.encode()).hexdigest()
     return _Raw(np.asarray(x), np.asarray(y), where, digest, names)
+
+
+# ---------------------------------------------------------------- image folders
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 40_000_000   # width × height above this is refused as a decompression bomb
+MAX_LISTED = 20                 # problems listed by name before "and N more"
+
+
+def _read_image_folder(source: ast.Source, folder: Path, shape: tuple[int, ...],
+                       program_path: str | None) -> _Raw:
+    """One sub-folder per class; every PNG or JPEG in it decoded, converted and resized to
+    `shape` (C, H, W), values in [0, 1]. Undecodable files and bombs are listed together."""
+    where = _Where(f"image folder '{source.path}'", str(folder), source.span, program_path)
+    if not folder.exists():
+        raise where.error(f"the folder does not exist (looked for {folder}) — check the path; "
+                          "relative paths start at the folder of the .dln file")
+    if not folder.is_dir():
+        raise where.error(f"{folder} is a file, not a folder of images")
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        classes = [d for d in entries if d.is_dir() and not d.name.startswith(".")]
+        stray = [f.name for f in entries if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        files = [(d.name, f) for d in classes
+                 for f in sorted(d.iterdir(), key=lambda p: p.name)
+                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+    except OSError as e:
+        raise where.error(f"cannot list {folder}: {e.strerror or e}") from None
+    if stray:
+        raise where.error(f"holds images outside the class sub-folders ({_listing(stray)}) — "
+                          "put each image in the sub-folder named after its class")
+    if not classes:
+        raise where.error("has no sub-folders — put the images of each class in a sub-folder "
+                          "named after the class (images/cat/1.png, images/dog/2.jpg)")
+    empty = [d.name for d in classes if not any(name == d.name for name, _ in files)]
+    if empty:
+        raise where.error(f"class folder{'s' if len(empty) > 1 else ''} {_listing(empty)} "
+                          "hold no PNG or JPEG images")
+    digest = hashlib.sha256()
+    images, labels, names, problems = [], [], [], []
+    with _pillow_limits():
+        for label, file in files:
+            relative = f"{label}/{file.name}"
+            try:
+                blob = file.read_bytes()
+            except OSError as e:
+                problems.append(f"{file}: cannot be read ({e.strerror or e})")
+                continue
+            digest.update(f"{relative}\0{hashlib.sha256(blob).hexdigest()}\n".encode())
+            pixels, problem = _decode_image(blob, shape)
+            if problem is not None:
+                problems.append(f"{file}: {problem}")
+                continue
+            images.append(pixels)
+            labels.append(label)
+            names.append(str(file))
+    if problems:
+        shown = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise where.error(f"{len(problems)} of {len(files)} image{'s' if len(files) > 1 else ''} "
+                          f"cannot be used — remove or replace them:\n  {shown}{more}")
+    x = np.stack(images).astype(np.float32)
+    return _Raw(x, np.array(labels, dtype=str), _Where(where.name, where.file, where.span,
+                                                       where.program_path, files=tuple(names)),
+                digest.hexdigest())
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:MAX_LISTED])
+    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+@contextlib.contextmanager
+def _pillow_limits():
+    """Pillow's pixel limit set to MAX_IMAGE_PIXELS, and its bomb warning raised as an error;
+    both restored afterwards."""
+    from PIL import Image
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_image(blob: bytes, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
+    """(pixels (C, H, W) float32 in [0, 1], None), or (None, why the image cannot be used)."""
+    from PIL import Image
+    channels, height, width = shape
+    try:
+        with Image.open(io.BytesIO(blob), formats=("PNG", "JPEG")) as image:
+            image.load()
+            converted = image.convert("L" if channels == 1 else "RGB")
+            resized = converted.resize((width, height), Image.Resampling.BILINEAR)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return None, f"refused as a possible decompression bomb ({_bomb_size(e)})"
+    except Exception as e:                       # Pillow raises many kinds for damaged files
+        reason = str(e).strip() or type(e).__name__
+        if "cannot identify image file" in reason:
+            reason = "not a PNG or JPEG image"
+        return None, f"cannot be decoded ({reason})"
+    pixels = np.asarray(resized, dtype=np.float32) / 255.0
+    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels), None
+
+
+def _bomb_size(exc: Exception) -> str:
+    """Pillow's message names the pixel count; say the limit too."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return f"{size}, more than the {MAX_IMAGE_PIXELS:,} dlnc accepts"
 
 
 def _parse_npz(blob: bytes, where: _Where) -> tuple[np.ndarray, np.ndarray]:
@@ -641,6 +791,11 @@ def _split(ds: Dataset | None, fractions: Sequence[float], rng: np.random.Genera
         return [None] * len(fractions)
     parts = _split_indices(ds.y if stratify else None, len(ds), fractions, rng)
     return [Dataset(ds.x[i], ds.y[i]) if len(i) else None for i in parts]
+
+
+def _shuffled(ds: Dataset, rng: np.random.Generator) -> Dataset:
+    order = rng.permutation(len(ds))
+    return Dataset(ds.x[order], ds.y[order])
 
 
 def _concat(a: Dataset | None, b: Dataset | None) -> Dataset | None:

@@ -1,6 +1,7 @@
 """What dlnc prints: the shapes table, the progress bar, run summaries and model info."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import asdict
@@ -52,17 +53,20 @@ def shapes_table(program: ast.Program, layers: Sequence[LayerInfo]) -> str:
 
 
 class progress:
-    """A tqdm bar over epochs that shows the cost and the dev error."""
+    """A tqdm bar over epochs that shows the cost and the dev error. It appears with the first
+    finished epoch, so an error raised before training leaves stderr to the error alone."""
 
-    def __init__(self, epochs: int, enabled: bool):
+    def __init__(self, epochs: int, enabled: bool, initial: int = 0):
         self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.enabled, self.epochs, self.initial = enabled, epochs, initial
 
     def update(self, record) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.epochs, initial=self.initial, unit="epoch", file=sys.stderr,
+                            dynamic_ncols=True, leave=False)
         shown = {"loss": f"{record.cost:.4f}"}
         if "dev" in record.splits:
             shown["dev_error"] = f"{record.splits['dev'].error:.4f}"
@@ -80,12 +84,33 @@ def epoch_json(record) -> dict:
             **{f"{name}_error": m.error for name, m in record.splits.items()}}
 
 
-def config_json(program: ast.Program, source_hash: str) -> dict:
+def config_json(program: ast.Program, source_hash: str, *, compiled=None, data_hash: str | None = None) -> dict:
+    """The resolved hyperparameters (params after --set, the train and data blocks with their
+    defaults, the loss and the training graph's scalar inputs) and the hashes of the program
+    text (`source_sha256`), of this configuration (`config_sha256`) and of the data."""
     def plain(value):
-        return json.loads(json.dumps(value, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
-    return {"model": program.name, "source_sha256": source_hash,
-            "params": {p.name: p.value for p in program.params},
-            "train": plain(asdict(program.train)), "data": plain(asdict(program.data)) if program.data else None}
+        return _without_spans(json.loads(json.dumps(
+            value, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))))
+    config = {"model": program.name, "source_sha256": source_hash,
+              "params": {p.name: p.value for p in program.params},
+              "train": plain(asdict(program.train)), "data": plain(asdict(program.data)) if program.data else None,
+              "input": plain(asdict(program.input)), "output": plain(asdict(program.output))}
+    if compiled is not None:
+        config["loss"] = compiled.loss
+        config["graph_inputs"] = {name: float(v) for name, v in compiled.spec.hyper.items()}
+    config["config_sha256"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    if data_hash is not None:
+        config["data_sha256"] = data_hash
+    return config
+
+
+def _without_spans(value):
+    """A JSON value without the AST's source positions (`span`, `spans`)."""
+    if isinstance(value, dict):
+        return {k: _without_spans(v) for k, v in value.items() if k not in ("span", "spans")}
+    if isinstance(value, list):
+        return [_without_spans(v) for v in value]
+    return value
 
 
 def summary_json(program: ast.Program, result, out: Path) -> dict:
@@ -103,8 +128,9 @@ def summary_text(program: ast.Program, result, out: Path) -> str:
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     stop = (f", stopped early; best weights from epoch {result.best_epoch} restored" if result.stopped_early
             else f", best weights from epoch {result.best_epoch} restored" if program.train.early_stopping else "")
-    return "\n".join([f"model {program.name}: trained {len(result.history)} epochs{stop}",
-                      line(header), *map(line, rows), f"wrote {out / 'model.onnx'}"])
+    resumed = f" (resumed after epoch {result.resumed_from})" if getattr(result, "resumed_from", 0) else ""
+    return "\n".join([f"model {program.name}: trained {len(result.history)} epochs{resumed}{stop}",
+                      line(header), *map(line, rows)])
 
 
 def _value_type(value: onnx.ValueInfoProto) -> str:
@@ -117,7 +143,11 @@ def model_info(model: onnx.ModelProto, path: str) -> str:
     initializers = {t.name for t in model.graph.initializer}
     lines = [f"{path}: ONNX IR version {model.ir_version}, opsets "
              + ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import),
-             f"producer: {model.producer_name} {model.producer_version}".rstrip(), "inputs:"]
+             f"producer: {model.producer_name} {model.producer_version}".rstrip()]
+    weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    lines.append(f"graph: {model.graph.name}, {len(model.graph.node)} nodes, {len(initializers)} initializers "
+                 f"({weights:,} numbers)" + (f" — {model.graph.doc_string}" if model.graph.doc_string else ""))
+    lines.append("inputs:")
     lines += [f"  {i.name}: {_value_type(i)}" for i in model.graph.input if i.name not in initializers]
     lines += ["outputs:"] + [f"  {o.name}: {_value_type(o)}" for o in model.graph.output]
     if model.metadata_props:

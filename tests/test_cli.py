@@ -169,7 +169,7 @@ def test_a_user_error_never_shows_a_traceback(tmp_path, dlnc):
 
 
 def test_features_of_later_issues_check_but_do_not_compile(tmp_path, dlnc):
-    text = (EXAMPLES / "digits_deep.dln").read_text().replace("dense hidden relu", "conv 8 size=3 relu")
+    text = (EXAMPLES / "digits_deep.dln").read_text().replace("dense hidden relu", 'pretrained "trunk.onnx"')
     path = write(tmp_path, text.replace("float[64]", "float[1, 8, 8]"))
     assert dlnc("check", path).code == 0
     result = dlnc("compile", path, "-o", tmp_path / "out")

@@ -271,7 +271,7 @@ def test_named_labels_agree_across_files(tmp_path):
     assert s.classes == ("a", "b", "c", "d")
     for d in splits_of(s):                  # a.csv holds b, c, d; d.csv holds a, b
         assert set(np.unique(d.y)) <= {0, 1, 2, 3}
-    assert set(np.unique(s.train.y)) == {1, 2, 3} and 0 in s.dev.y
+    assert {1, 2, 3} <= set(np.unique(s.train.y)) and 0 in s.dev.y
 
 
 def test_csv_unknown_label_column(tmp_path):
@@ -433,22 +433,16 @@ def test_too_many_named_classes(tmp_path):
     assert "3 classes" in e.message and "class[3]" in e.message
 
 
-@pytest.mark.parametrize("kind", ["text", "images"])
-def test_text_and_image_sources_not_available_yet(kind):
-    data = ast.Data(ast.Source(kind, "names.txt" if kind == "text" else "img/", span=SPAN))
-    e = error(load, data, vec(2), cls(3))
-    assert "not available yet" in e.message and e.span == SPAN
-
-
-def test_misspelt_builtin_read_as_a_folder_gets_a_hint():
+def test_misspelt_builtin_read_as_a_folder_says_the_folder_is_missing():
     data = ast.Data(ast.Source("images", "irs", span=SPAN))
-    assert "did you mean 'iris'" in error(load, data, vec(4), cls(3)).message
+    e = error(load, data, image(1, 8, 8), cls(3))
+    assert "does not exist" in e.message and e.span == SPAN
 
 
-def test_token_outputs_not_available_yet():
+def test_token_outputs_need_a_tokens_input():
     out = ast.OutputDecl("y", "tokens", 0, per_step=True, span=SPAN)
     e = error(load, data_block("iris"), vec(4), out)
-    assert "not available yet" in e.message and e.span == SPAN
+    assert "input x: tokens" in e.message and e.span == SPAN
 
 
 def test_split_fractions_must_add_to_one():
@@ -500,17 +494,22 @@ def test_train_dev_carved_from_train():
 
 
 def test_dev_source_split_50_50(tmp_path):
+    """As the notes do it: half of the other distribution is mixed into train, the other half
+    is cut 50/50 into dev and test; train_dev is carved from the mixed train."""
     x, y = blobs(100, 3, 2)
     xd, yd = blobs(40, 3, 2, seed=1)
     npz(tmp_path, "web.npz", x=x, y=y)
     npz(tmp_path, "phone.npz", x=xd + 100, y=yd)
     data = data_block("web.npz", dev_source=ast.Source("npz", "phone.npz"), train_dev=0.05)
     s = load(data, vec(3), BINARY, tmp_path)
-    assert len(s.train) + len(s.train_dev) == 100 and len(s.train_dev) == 5
-    assert len(s.dev) == len(s.test) == 20
-    assert (s.dev.x > 50).all() and (s.test.x > 50).all() and (s.train.x < 50).all()
+    assert len(s.train) + len(s.train_dev) == 120 and len(s.train_dev) == 6
+    assert len(s.dev) == len(s.test) == 10
+    assert (s.dev.x > 50).all() and (s.test.x > 50).all()
+    phone_in_train = int((s.train.x[:, 0] > 50).sum()) + int((s.train_dev.x[:, 0] > 50).sum())
+    assert phone_in_train == 20
+    assert s.dev_distribution == "other" and s.test_distribution == "other"
     for d in (s.dev, s.test):
-        assert int(d.y.sum()) == 10                       # stratified: 10 of each class
+        assert int(d.y.sum()) == 5                        # stratified: 5 of each class
     web = (tmp_path / "web.npz").read_bytes()
     import hashlib
     assert s.source_hash != hashlib.sha256(web).hexdigest()
@@ -522,8 +521,8 @@ def test_dev_source_with_written_split(tmp_path):
     npz(tmp_path, "phone.npz", x=x[:40] + 100, y=y[:40])
     data = data_block("web.npz", split=(0.8, 0.1, 0.1), dev_source=ast.Source("npz", "phone.npz"))
     s = load(data, vec(3), BINARY, tmp_path)
-    assert (len(s.train), len(s.dev), len(s.test)) == (80, 30, 30)
-    assert (s.dev.x > 50).sum() == 20 * 3
+    assert (len(s.train), len(s.dev), len(s.test)) == (100, 20, 20)
+    assert (s.dev.x > 50).sum() == 10 * 3 and (s.train.x > 50).sum() == 20 * 3
 
 
 def test_test_source(tmp_path):
@@ -533,11 +532,13 @@ def test_test_source(tmp_path):
     s = load(data_block("a.npz", test_source=ast.Source("npz", "b.npz")), vec(3), BINARY, tmp_path)
     assert (len(s.train), len(s.dev), len(s.test)) == (90, 10, 30)
     assert (s.test.x > 50).all()
+    assert s.dev_distribution == "same" and s.test_distribution == "other"
     npz(tmp_path, "c.npz", x=x[:10] - 100, y=y[:10])
     both = data_block("a.npz", dev_source=ast.Source("npz", "c.npz"),
                       test_source=ast.Source("npz", "b.npz"))
     s = load(both, vec(3), BINARY, tmp_path)
-    assert (len(s.train), len(s.dev), len(s.test)) == (100, 10, 30)
+    assert (len(s.train), len(s.dev), len(s.test)) == (105, 5, 30)
+    assert (s.dev.x < -50).all() and int((s.train.x[:, 0] < -50).sum()) == 5
 
 
 def test_dev_source_errors_name_that_file(tmp_path):

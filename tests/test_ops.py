@@ -37,6 +37,16 @@ def labels(n, c):
     return np.arange(n, dtype=np.int64) % c
 
 
+def conv(stride, pads):
+    """attrs of a convolution: stride s or (sh, sw); pads p or (top, left, bottom, right)."""
+    strides = (stride, stride) if isinstance(stride, int) else stride
+    return {"strides": strides, "pads": (pads,) * 4 if isinstance(pads, int) else pads}
+
+
+def window(size, stride):
+    return {"kernel": (size, size), "strides": (stride, stride)}
+
+
 CASES = [
     Case("identity", ((3, 4),)),
     Case("neg", ((3, 4),)),
@@ -75,6 +85,45 @@ CASES = [
     Case("softmax_cross_entropy", (("N", 4),), extra=(labels(3, 4),)),
     Case("sigmoid_bce", (("N", 1),), extra=(np.array([[1.0], [0.0], [1.0]]),)),
     Case("mse", (("N", 2),), extra=(np.arange(6.0).reshape(3, 2) / 6,)),
+    # convolution: attrs strides (sh, sw), pads (top, left, bottom, right)
+    Case("conv", (("N", 3, 5, 5), (4, 3, 3, 3), (4,)), conv(1, 0), id="conv-3x3-valid"),
+    Case("conv", (("N", 2, 7, 6), (3, 2, 2, 2), (3,)), conv(2, 0), id="conv-even-stride2-unread-cropped"),
+    Case("conv", ((2, 2, 6, 6), (3, 2, 3, 3), (3,)), conv(2, 1), id="conv-pad1-stride2-unread-in-padding"),
+    Case("conv", ((2, 2, 5, 5), (2, 2, 4, 4), (2,)), conv(1, (1, 1, 2, 2)), id="conv-same-even-filter"),
+    Case("conv", ((2, 2, 6, 7), (2, 2, 3, 3), (2,)), conv(2, (0, 1, 1, 1)), id="conv-same-stride2"),
+    Case("conv", ((2, 1, 8, 8), (2, 1, 2, 3)), conv((3, 2), (1, 0, 0, 1)), id="conv-no-bias-rect-stride3"),
+    Case("conv_transpose", ((2, 4, 3, 3), (4, 3, 3, 3)), {**conv(2, 1), "output_padding": (1, 0)}),
+    Case("conv_filter_grad", ((2, 3, 6, 5), (2, 4, 3, 2)), {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3)}),
+    # pooling (no padding): overlapping windows (stride < size), odd sizes that leave rows unread
+    Case("maxpool", (("N", 2, 7, 7),), window(3, 2), id="maxpool-overlapping"),
+    Case("maxpool", ((2, 2, 5, 5),), window(2, 2), id="maxpool-2x2-odd"),
+    Case("maxpool", ((1, 2, 4, 5),), window(2, 1), id="maxpool-stride1"),
+    Case("avgpool", (("N", 2, 5, 5),), window(2, 2), id="avgpool-2x2-odd"),
+    Case("avgpool", ((2, 2, 7, 6),), window(3, 2), id="avgpool-overlapping"),
+    Case("avgpool_transpose", ((2, 3, 3, 2),), {**window(3, 2), "input_size": (7, 6)}),
+    Case("take", ((3, 4),), extra=(np.array([[0, 5, 5, 11, 2], [7, 0, 3, 5, 9]]),), id="take-repeats"),
+    Case("scatter_add", ((2, 5),), extra=(np.array([[0, 5, 5, 11, 2], [7, 0, 3, 5, 9]]), np.zeros((3, 4))),
+         id="scatter_add-repeats"),
+    # sequences (m, T, ...): slicing ops and their adjoints; the ONNX recurrent ops (their VJP unrolls the cell)
+    Case("embedding", ((5, 3),), extra=(np.array([[0, 4, 4], [2, 0, 1]]),), id="embedding-repeats"),
+    Case("embedding_grad", ((2, 3, 4),), extra=(np.array([[0, 4, 4], [2, 0, 1]]), np.zeros((5, 4))),
+         id="embedding_grad-repeats"),
+    Case("time_step", (("N", 4, 3),), {"t": 2}),
+    Case("time_step", ((2, 4, 3),), {"t": -1}, id="time_step-last"),
+    Case("stack_steps", ((3, 2), (3, 2), (3, 2))),
+    Case("slice_axis", ((3, 6),), {"axis": 1, "start": 2, "end": 5}),
+    Case("slice_axis", ((6,),), {"axis": -1, "start": 0, "end": 3}, id="slice_axis-1d"),
+    Case("pad_axis", ((3, 2, 4),), {"axis": 1, "before": 1, "after": 2}),
+    Case("concat", ((3, 2), (3, 4)), {"axis": 1}),
+    Case("fold_time", ((3, 2, 4),)),
+    Case("unfold_time", ((6, 4),), extra=(np.zeros((3, 2, 5)),)),
+    Case("rnn_seq", (("N", 4, 3), (1, 5, 3), (1, 5, 5), (1, 10)), {"hidden": 5, "activation": "tanh"}),
+    Case("rnn_seq", ((2, 3, 3), (1, 4, 3), (1, 4, 4), (1, 8)), {"hidden": 4, "activation": "tanh", "last": True},
+         id="rnn_seq-last"),
+    Case("gru_seq", (("N", 4, 3), (1, 15, 3), (1, 15, 5), (1, 30)), {"hidden": 5}),
+    Case("gru_seq", ((2, 3, 2), (1, 12, 2), (1, 12, 4), (1, 24)), {"hidden": 4, "last": True}, id="gru_seq-last"),
+    Case("lstm_seq", (("N", 4, 3), (1, 20, 3), (1, 20, 5), (1, 40)), {"hidden": 5}),
+    Case("lstm_seq", ((2, 3, 2), (1, 16, 2), (1, 16, 4), (1, 32)), {"hidden": 4, "last": True}, id="lstm_seq-last"),
 ]
 DIFFERENTIABLE = sorted(set(OPS) - NON_DIFFERENTIABLE)
 
@@ -93,25 +142,28 @@ def _concrete(shape):
     return tuple(3 if d == "N" else d for d in shape)
 
 
-def build(case: Case):
-    b = Builder("float64")
+def build(case: Case, dtype: str = "float64"):
+    """The check graph f = Σ r ⊙ op(inputs) and its gradients; returns the model, the names of the
+    differentiable inputs and the fixed feeds (the extra inputs, and r where the output has a batch)."""
+    b = Builder(dtype)
     xs = [b.input(f"x{i}", s) for i, s in enumerate(case.shapes)]
     batch = ("N",) if case.shapes[0][0] == "N" else ()
-    consts = [b.input(f"e{i}", batch + e.shape[len(batch):], dtype=str(e.dtype)) for i, e in enumerate(case.extra)]
+    fixed = {f"e{i}": e.astype(dtype) if e.dtype == np.float64 else e for i, e in enumerate(case.extra)}
+    consts = [b.input(name, batch + e.shape[len(batch):], dtype=str(e.dtype)) for name, e in fixed.items()]
     if case.op == "where":
         args = [consts[0], *xs]
     else:
         args = [*xs, *consts]
     y = b.op(case.op, *args, **case.attrs)
-    r = b.const(np.random.default_rng(1).normal(size=_concrete(y.shape)))
+    r_value = np.random.default_rng(1).normal(size=_concrete(y.shape)).astype(dtype)
+    if "N" in y.shape:
+        r, fixed["r"] = b.input("r", y.shape), r_value
+    else:
+        r = b.const(r_value)
     f = b.op("reduce_sum", b.mul(y, r), axes=None, keepdims=False, name="f")
     grads = grad(b, f, xs)
     graph = simplify(b.graph("check", [f, *grads.values()]))
-    return to_onnx(graph, opset=17), [x.name for x in xs]
-
-
-def extra_feeds(case: Case):
-    return {f"e{i}": e for i, e in enumerate(case.extra)}
+    return to_onnx(graph, opset=17), [x.name for x in xs], fixed
 
 
 def draw(case: Case, rng):
@@ -125,28 +177,38 @@ def draw(case: Case, rng):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id or c.op)
 def test_gradient_matches_central_differences(case):
     rng = np.random.default_rng(0)
-    model, names = build(case)
+    model, names, fixed = build(case)
     onnx.checker.check_model(model, full_check=True)
     run = ReferenceEvaluator(model)
     xs = draw(case, rng)
-    feeds = dict(zip(names, xs)) | extra_feeds(case)
+    feeds = dict(zip(names, xs)) | fixed
     f, *grads = run.run(None, feeds)
     v = [rng.normal(size=x.shape) for x in xs]
     h = 1e-6
-    plus = run.run(["f"], {n: x + h * d for n, x, d in zip(names, xs, v)} | extra_feeds(case))[0]
-    minus = run.run(["f"], {n: x - h * d for n, x, d in zip(names, xs, v)} | extra_feeds(case))[0]
+    plus = run.run(["f"], {n: x + h * d for n, x, d in zip(names, xs, v)} | fixed)[0]
+    minus = run.run(["f"], {n: x - h * d for n, x, d in zip(names, xs, v)} | fixed)[0]
     numeric = (plus - minus) / (2 * h)
     analytic = sum(float(np.sum(g * d)) for g, d in zip(grads, v))
     assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-8)
 
 
+# ONNX Runtime has no float64 Conv or ConvTranspose kernels: graphs that use them are compared in
+# float32 instead (the reference evaluator run in float32 too), with a float32 tolerance.
+FLOAT64_MISSING_IN_ORT = {"Conv", "ConvTranspose"}
+FLOAT64_MISSING_IN_ORT |= {"RNN", "GRU", "LSTM"}      # float32 kernels only, too
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id or c.op)
 def test_onnxruntime_agrees_with_reference(case):
     import onnxruntime as ort
-    model, names = build(case)
-    xs = draw(case, np.random.default_rng(2))
-    feeds = dict(zip(names, xs)) | extra_feeds(case)
+    model, names, fixed = build(case)
+    float32 = bool(FLOAT64_MISSING_IN_ORT & {n.op_type for n in model.graph.node})
+    if float32:
+        model, names, fixed = build(case, "float32")
+    xs = [x.astype(np.float32) if float32 else x for x in draw(case, np.random.default_rng(2))]
+    feeds = dict(zip(names, xs)) | fixed
     expected = ReferenceEvaluator(model).run(None, feeds)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rtol, atol = (1e-5, 1e-5) if float32 else (1e-9, 1e-12)
     for got, want in zip(session.run(None, feeds), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
