@@ -111,9 +111,29 @@ class ConfigResult:
     batch: int
     peers: dict[str, PeerResult]
     train_flops: int | None = None      # per example per step, from dlnc's layer table
+    others_load: float | None = None    # cores other processes kept busy during the timed rounds
 
 
 # ---------------------------------------------------------------- measurements
+def others_cpu_seconds(exclude: set[int]) -> float | None:
+    """CPU seconds used so far by every process but the harness and its workers (Linux /proc);
+    the difference over the timed rounds tells how loaded the machine was by others."""
+    proc = Path("/proc")
+    if not (proc / "stat").exists():
+        return None
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])           # utime + stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+
 def matmul_peak(n: int, repeats: int = 5) -> float:
     """Median GFLOP/s of numpy float32 n×n matrix products."""
     rng = np.random.default_rng(0)
@@ -196,11 +216,16 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
         per_step = reply["seconds"] / args.warmup
         steps[peer] = max(args.min_steps, int(args.round_seconds / max(per_step, 1e-9)))
     order = list(workers)
+    exclude = {os.getpid()} | {w.proc.pid for w in workers.values()}
+    others_before, started = others_cpu_seconds(exclude), time.perf_counter()
     for r in range(args.rounds):
         for peer in order[r % max(len(order), 1):] + order[:r % max(len(order), 1)]:
             reply = workers[peer].ask(op="time", steps=steps[peer])
             if reply["ok"]:
                 results[peer].rounds.append(steps[peer] / reply["seconds"])
+    others_after = others_cpu_seconds(exclude)
+    elapsed = time.perf_counter() - started
+    load = (others_after - others_before) / elapsed if others_before is not None and elapsed > 0 else None
     for peer, worker in workers.items():
         result = results[peer]
         if result.rounds:
@@ -219,7 +244,7 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
             worker.close()
     dlnc = results.get("dlnc")
     flops = dlnc.info.get("train_flops") if dlnc is not None and dlnc.info else None
-    config = ConfigResult(model, batch, results, flops)
+    config = ConfigResult(model, batch, results, flops, load)
     log(f"  {model} batch {batch}: " + ", ".join(
         f"{p} {r.steps_per_s:.0f}/s" if r.steps_per_s else f"{p} –" for p, r in results.items()))
     return config
@@ -264,13 +289,13 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
     lines = []
     openblas = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     lines.append(f"dlnc benchmark: {args.threads} threads, device {args.device}, "
-                 f"{'quick smoke test' if args.quick else f'median of {args.rounds} rounds after warm-up'}")
+                 f"{'--quick smoke test: one short round, the timings mean nothing' if args.quick else f'median of {args.rounds} rounds after warm-up'}")
     lines.append(f"float32 matmul peak (numpy, {args.peak_n}×{args.peak_n}, median of 5): {peak:.1f} GFLOP/s"
                  + (f"   [note: {openblas} set; unset them for the reference peak]" if openblas else ""))
     lines.append("")
     others = [p for p in peers if p != "dlnc"]
     head = ["model", "batch"] + [f"{PEER_TITLES[p]} st/s" for p in peers] + \
-           [f"÷{PEER_TITLES[p]}" for p in others] + ["GFLOP/s", "% peak", "MFLOP/step"]
+           [f"÷{PEER_TITLES[p]}" for p in others] + ["GFLOP/s", "% peak", "MFLOP/step", "others' load"]
     rows = [head]
     notes = []
     for c in configs:
@@ -284,6 +309,7 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
             row += [f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%", f"{c.train_flops * c.batch / 1e6:.1f}"]
         else:
             row += ["—", "—", "—"]
+        row.append(f"{c.others_load:.2f} cores" if c.others_load is not None else "—")
         rows.append(row)
         for p in peers:
             r = c.peers[p]
@@ -291,7 +317,9 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
                 notes.append(f"  {c.model} batch {c.batch}, {PEER_TITLES[p]}: {r.reason}")
     lines += table(rows)
     lines.append("  st/s: training steps per second (median); ÷peer: dlnc's steps/s over the peer's; "
-                 "GFLOP/s and % peak: dlnc's, counting 3× the forward FLOPs less the first layer's input gradient")
+                 "GFLOP/s and % peak: dlnc's, counting 3× the forward FLOPs less the first layer's input gradient;")
+    lines.append("  others' load: CPU cores that other processes kept busy meanwhile (on a loaded machine every "
+                 "peer slows down, and multi-threaded steps most)")
     if notes:
         lines.append("")
         lines += notes
@@ -416,7 +444,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "threads": args.threads, "device": args.device, "peak_gflops": peak,
-            "configs": [{"model": c.model, "batch": c.batch, "train_flops": c.train_flops,
+            "configs": [{"model": c.model, "batch": c.batch, "train_flops": c.train_flops, "others_load": c.others_load,
                          "peers": {p: vars(r) for p, r in c.peers.items()}} for c in results],
             "compile": [{"example": n, "seconds": s, "note": w} for n, s, w in compile_rows]}, indent=1, default=str))
     return 0

@@ -502,6 +502,14 @@ def emit_stop_gradient(ctx, node):
     ctx.node("Identity", _names(node), node.output.name)
 
 
+@emit("onnx_graph")
+def emit_onnx_graph(ctx, node):
+    # a frozen pretrained trunk: its own nodes and initializers, renamed under `<layer>/`
+    nodes, initializers = node.attr("graph").inlined(node.inputs[0].name, node.output.name, ctx.opset)
+    ctx.nodes.extend(nodes)
+    ctx.initializers.update(initializers)
+
+
 _RECURRENT_OPS = {"rnn_seq": "RNN", "gru_seq": "GRU", "lstm_seq": "LSTM"}
 
 

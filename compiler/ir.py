@@ -90,6 +90,9 @@ OPS: Mapping[str, str] = {
     "fold_time": "y = x (m, T, ...) reshaped to (m·T, ...)",
     "unfold_time": "y = x (m·T, ...) reshaped to (m, T, ...), m and T those of `like` (m, T, ...)",
     "stop_gradient": "y = x, with no gradient to x",
+    # a frozen pretrained trunk (compiler/pretrained.py): attr graph carries an ONNX subgraph that is
+    # emitted as it is, its nodes and initializers copied under the layer's prefix
+    "onnx_graph": "y = the ONNX subgraph attr graph applied to x, no gradient",
     # the ONNX recurrent ops, one direction, zero initial state, over x (m, T, F); y (m, T, H), or h_T (m, H)
     # with attr last. W (1, G·H, F), R (1, G·H, H), B (1, 2·G·H) hold the G gates in ONNX's order; attr hidden = H
     "rnn_seq": "h_t = act(x_t·Wᵀ + h_{t−1}·Rᵀ + Wb + Rb), attr activation tanh | relu (ONNX RNN, G = 1)",
@@ -101,7 +104,7 @@ OPS: Mapping[str, str] = {
 
 # ops whose output carries no gradient to their inputs (their VJP rule returns Nones)
 NON_DIFFERENTIABLE = frozenset({"const", "sign", "floor", "greater", "cast", "one_hot", "batch_count",
-                                "maxpool_argmax", "stop_gradient"})
+                                "maxpool_argmax", "stop_gradient", "onnx_graph"})
 
 
 @dataclass(frozen=True)

@@ -395,3 +395,4 @@ def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | No
 
 
 from . import lower_sequence  # noqa: E402,F401  (registers token inputs and sequence layers into LOWER_RULES)
+from . import pretrained  # noqa: E402,F401  (registers the pretrained layer: transfer learning)

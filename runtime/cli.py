@@ -88,6 +88,10 @@ def cmd_check(args) -> int:
         return EXIT_OK
     compiled = check_program(program)
     params = sum(int(np.prod(p.init.shape)) for p in compiled.spec.params)
+    if "tokens" in (program.input.kind, program.output.kind):      # the vocabulary comes with the data
+        print(f"{args.file}: ok — model {program.name}, {len(program.layers)} layers; its size depends on the "
+              f"vocabulary of its data (dlnc shapes reads it)")
+        return EXIT_OK
     print(f"{args.file}: ok — model {program.name}, {len(program.layers)} layers, {params} parameters")
     return EXIT_OK
 
@@ -264,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dlnc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                                # `dlnc predict ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:                               # an internal error: no traceback for users
         if os.environ.get("DLNC_DEBUG"):
             traceback.print_exc()

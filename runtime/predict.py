@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from dsl.errors import DlnError
 
@@ -29,12 +30,25 @@ def _reshape(x: np.ndarray, shape: tuple, path: str) -> np.ndarray:
     return x.reshape((len(x), *shape)).astype(np.float32)
 
 
+def _token_ids(x: np.ndarray, path: str) -> np.ndarray:
+    """Sequences of token ids, one per row (n, T), any T: whole numbers ≥ 0, as int64."""
+    if x.ndim != 2 or not np.all(np.isfinite(x)) or np.any(x != np.round(x)) or np.any(x < 0):
+        raise DlnError("the model reads token ids: give one sequence per row, whole numbers ≥ 0", path=path)
+    return x.astype(np.int64)
+
+
 def predict(model_path: str, inputs_path: str, output: str | None) -> int:
     model = load_onnx(model_path)
     meta = {p.key: p.value for p in model.metadata_props}
     kind = meta.get("dlnc.output_kind", "real")
     classes = json.loads(meta.get("dlnc.classes", "[]"))
-    x = _reshape(load_features(inputs_path), _declared_shape(model), inputs_path)
+    if kind == "tokens":
+        raise DlnError("this is a language model (a token at every step): use `dlnc sample` or `dlnc score`",
+                       path=model_path)
+    if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64:    # a tokens input
+        x = _token_ids(load_features(inputs_path), inputs_path)
+    else:
+        x = _reshape(load_features(inputs_path), _declared_shape(model), inputs_path)
     session = make_session(model.SerializeToString())
     p = session.run(None, {session.get_inputs()[0].name: x})[0]
     labels = predictions(kind, p)

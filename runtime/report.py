@@ -30,8 +30,9 @@ def shapes_table(program: ast.Program, layers: Sequence[LayerInfo]) -> str:
     """Per layer: W[l], b[l] and Z[l]/A[l] in the course's layout and in ONNX's, parameters, FLOPs."""
     header = ("l", "layer", "params: course (n[l], n[l-1])", "params: ONNX", "Z/A course", "Z/A ONNX",
               "parameters", "FLOPs/example")
-    rows = [("0", f"input {program.input.name}", "", "", f"({', '.join(map(str, program.input.shape))}, m)",
-             _dims(("N", *program.input.shape)), "", "")]
+    features = ("T",) if program.input.kind == "tokens" else program.input.shape      # token ids: (N, T)
+    rows = [("0", f"input {program.input.name}", "", "", f"({', '.join(map(str, features))}, m)",
+             _dims(("N", *features)), "", "")]
     total_params = total_flops = 0
     for index, info in enumerate(layers, start=1):
         count = sum(int(np.prod(shape)) for _, shape in info.params)

@@ -18,7 +18,7 @@ Where the values live:
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -93,6 +93,7 @@ class StepRunner:
         self._batch_buffers: dict[tuple, dict[str, ort.OrtValue]] = {}   # cuda: per batch shape
         self._bound: list[dict[str, int]] = [{}, {}]            # cuda: id of the buffer each binding holds
         self._held: list[np.ndarray] = []                        # cpu: the mini-batch arrays bound last
+        self._epoch: dict[str, np.ndarray] = {}                 # epoch_batches' buffers
 
     def _ortvalue(self, array: np.ndarray) -> ort.OrtValue:
         array = np.array(array, order="C", copy=True)          # own memory, never the caller's
@@ -149,6 +150,30 @@ class StepRunner:
         self.session.run_with_iobinding(io)
         self.current = 1 - self.current
         return float(self._loss)
+
+    def epoch_batches(self, arrays: Mapping[str, np.ndarray],
+                      batches: Sequence[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """An epoch's mini-batches gathered once, in order, into contiguous arrays of the graph's
+        dtypes that the runner reuses every epoch; yields each mini-batch as views of them, so a
+        step neither allocates nor copies (on the CPU the views are bound as they are)."""
+        order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
+        gathered = {}
+        for name, array in arrays.items():
+            dtype = np.dtype(self.input_dtypes.get(name, array.dtype))
+            shape = (len(order), *array.shape[1:])
+            buffer = self._epoch.get(name)
+            if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+                buffer = self._epoch[name] = np.empty(shape, dtype)
+            if array.dtype == dtype:
+                np.take(array, order, axis=0, out=buffer)
+            else:
+                buffer[...] = array[order]
+            gathered[name] = buffer
+        start = 0
+        for idx in batches:
+            end = start + len(idx)
+            yield {name: buffer[start:end] for name, buffer in gathered.items()}
+            start = end
 
     def values(self) -> dict[str, ort.OrtValue]:
         """The latest parameters, buffers and optimiser state, as OrtValues (no copy)."""

@@ -15,8 +15,8 @@ import numpy as np
 from compiler.lower import LayerInfo
 from dsl import ast
 
-WIDTH = 460
-BOX_W, BOX_H, GAP, TOP = 340, 54, 46, 52
+WIDTH = 520
+BOX_W, BOX_H, GAP, TOP = 400, 54, 46, 52
 X0 = (WIDTH - BOX_W) // 2
 FILL = {"input": "#e8f1fb", "output": "#e9f7ec", "normalize": "#f4f4f4", "dense": "#fff4dd",
         "conv": "#fde8e8", "maxpool": "#efe8fd", "avgpool": "#efe8fd", "pool": "#efe8fd",

@@ -248,8 +248,8 @@ def train(compiled: Compiled, splits: Splits, *, device: str = "cpu", threads: i
         costs = []
         x_epoch = x if augment is None else augment_images(x, augment, rngs["augment"])
         batches = batch_indices(len(x), program.train.batch_size, shuffle)
-        for number, idx in enumerate(batches, start=1):
-            batch = {spec.x: x_epoch[idx], spec.y: y[idx]}
+        feed = runner.epoch_batches({spec.x: x_epoch, spec.y: y}, batches)   # one gather per epoch
+        for number, (idx, batch) in enumerate(zip(batches, feed), start=1):
             for name, shape in spec.noise:
                 batch[name] = noise_rng.random((len(idx), *shape[1:]), dtype=np.float32)
             cost = runner.step(batch)

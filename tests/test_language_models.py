@@ -161,3 +161,20 @@ def test_ranking_counts_pairs_and_ties_against_the_model(tiny_lm):
     model = load_language_model(folder / "run" / "model.onnx")
     share, pairs = rank_against_shuffled(model, ["Anna", "Bob", "aaa", "Carol"], count=2)
     assert pairs == 2 and 0.0 <= share <= 1.0
+
+
+def test_many_to_one_from_token_ids_trains_and_predicts_at_any_length(tmp_path, dlnc):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(400, 10))
+    np.savez(tmp_path / "seq.npz", x=x, y=((x == 3).sum(axis=1) > 2).astype(np.int64))
+    (tmp_path / "m.dln").write_text(
+        'model count_threes\ndata { source "seq.npz"; split train=0.8 dev=0.2 }\ninput x: tokens\n'
+        "output y: binary\nlayers { one_hot; rnn 16 relu; last; dense 1 sigmoid }\n"
+        "train { optimizer adam lr=0.01; batch_size 32; epochs 25 }\n")
+    result = dlnc("run", tmp_path / "m.dln", "-o", tmp_path / "run", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["splits"]["dev"]["error"] < 0.15
+    np.save(tmp_path / "ids.npy", np.array([[3, 3, 3, 3, 1], [0, 1, 2, 4, 0]]))        # length 5, trained on 10
+    predicted = dlnc("predict", tmp_path / "run" / "model.onnx", tmp_path / "ids.npy")
+    assert predicted.code == 0, predicted.err
+    assert [row.split(",")[0] for row in predicted.out.splitlines()[1:]] == ["1", "0"]

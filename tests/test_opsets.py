@@ -192,3 +192,19 @@ def test_info_on_a_file_that_is_no_model_is_a_user_error(tmp_path, dlnc):
     bad.write_bytes(b"not a model")
     result = dlnc("info", bad)
     assert result.code == 2 and "Traceback" not in result.err
+
+
+def test_a_token_model_records_its_vocabulary_and_info_prints_it(tmp_path, dlnc):
+    source = EXAMPLES / "names_lm.dln"
+    if not source.exists():
+        pytest.skip("no token example")
+    result = dlnc("compile", source, "-o", tmp_path)
+    if result.code == 2 and "not available yet" in result.err:
+        pytest.skip(result.err)
+    assert result.code == 0, result.err
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    vocab = json.loads(meta["dlnc.vocab"])
+    assert len(vocab) > 2 and vocab[:2] == ["<EOS>", "<UNK>"]
+    out = dlnc("info", tmp_path / "model.onnx").out
+    assert "  x: int64 [N, T]" in out and f"  y: float32 [N, T, {len(vocab)}]" in out and "dlnc.vocab: [" in out
