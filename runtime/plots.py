@@ -15,7 +15,8 @@ LABELS = {"train": "train", "train_dev": "train-dev", "dev": "dev", "test": "tes
 
 def curves_png(history: Sequence, title: str, real: bool = False, human_error: float | None = None) -> bytes:
     """Two panels, loss and error against epoch, one line per split (and the training cost
-    J, regularisation included, as a dotted line); human_error as a dashed level."""
+    J, regularisation included, as a dotted line); human_error as a dashed level; a red
+    dash-dotted line before each epoch whose record has `changes` (dlnc tune), labelled."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -36,6 +37,15 @@ def curves_png(history: Sequence, title: str, real: bool = False, human_error: f
                        label="cost J (train steps)")
     if human_error is not None:
         error_axes.axhline(human_error, color="grey", linestyle="--", label="human error")
+    for record in history:                     # graph inputs changed while it trained (dlnc tune)
+        changes = getattr(record, "changes", None)
+        if not changes:
+            continue
+        text = ", ".join(f"{name}={value:g}" for name, value in changes.items())
+        for axes in (loss_axes, error_axes):
+            axes.axvline(record.epoch - 0.5, color="tab:red", linestyle="-.", linewidth=1, alpha=0.7)
+        loss_axes.annotate(text, (record.epoch - 0.5, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+                           va="top", ha="right", fontsize="x-small", color="tab:red")
     loss_axes.set(title="loss", xlabel="epoch", ylabel="loss")
     error_axes.set(title="mean squared error" if real else "error rate", xlabel="epoch",
                    ylabel="MSE" if real else "error")

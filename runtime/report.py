@@ -80,9 +80,12 @@ class progress:
 
 
 def epoch_json(record) -> dict:
+    """One line of metrics.jsonl; `changes`: the graph inputs `dlnc tune` changed before this epoch."""
+    changes = getattr(record, "changes", None)
     return {"epoch": record.epoch, "lr": record.lr, "cost": record.cost,
             **{f"{name}_loss": m.loss for name, m in record.splits.items()},
-            **{f"{name}_error": m.error for name, m in record.splits.items()}}
+            **{f"{name}_error": m.error for name, m in record.splits.items()},
+            **({"changes": dict(changes)} if changes else {})}
 
 
 def config_json(program: ast.Program, source_hash: str, *, compiled=None, data_hash: str | None = None) -> dict:

@@ -6,7 +6,10 @@ The run folder (`runs/<model>-<time>/`, or `-o DIR`) holds:
 - `train_step.onnx`: the training graph (written when training starts);
 - `checkpoints/`: the newest complete checkpoint (see `checkpoint.py`);
 - `metrics.jsonl`: one line per epoch: the cost, the learning rate, loss and error per split;
-- `model.onnx`, `report.txt`, `report.json`, `curves.png`: written when training ends.
+- `model.onnx`, `report.txt`, `report.json`: written when training ends;
+- `curves.png`: redrawn after every epoch (at most once a second, and whenever a graph input
+  was changed), so the user can watch J while it trains;
+- `control.json` (optional): graph inputs to change while it trains (`dlnc tune`, control.py).
 
 Nothing is written before the program compiles and the data loads. A folder that already
 holds a run is only reused with `--force` (start over: the old run's files are removed) or
@@ -34,13 +37,15 @@ from dsl.errors import DlnError
 
 from . import checkpoint, report
 from .analysis import analyse, analysis_json, analysis_text
+from .control import CONTROL_FILE, ControlFile
 from .data import Splits
 from .files import remove_temporaries, write_atomic, write_error
 from .trainer import NonFiniteError, Snapshot, TrainResult, check_early_stopping, named_splits, train
 
 RUN_FILES = ("model.onnx", "train_step.onnx", "metrics.jsonl", "report.txt", "report.json", "curves.png",
-             "config.json", checkpoint.FOLDER)
+             "config.json", checkpoint.FOLDER, CONTROL_FILE)
 DEFAULT_CHECKPOINT_INTERVAL = 1.0
+CURVES_INTERVAL = 1.0          # seconds between two redraws of curves.png while training
 
 
 def holds_run(folder: Path) -> bool:
@@ -122,6 +127,33 @@ class Checkpointer:
         self.saved_epoch = snap.epoch
 
 
+class Watcher:
+    """After every epoch: the progress bar, metrics.jsonl and a redrawn curves.png (at most once
+    per `interval` seconds, and at every epoch that changed a graph input)."""
+
+    def __init__(self, program: ast.Program, folder: Path, bar, history=(), interval: float = CURVES_INTERVAL):
+        self.program, self.folder, self.bar, self.interval = program, folder, bar, interval
+        self.history = list(history)
+        self.drawn = time.monotonic()
+
+    def __call__(self, record) -> None:
+        self.bar.update(record)
+        self.history.append(record)
+        if not self.folder.is_dir():
+            return
+        write_metrics(self.folder, self.history)
+        if record.changes or time.monotonic() - self.drawn >= self.interval:
+            write_curves(self.program, self.folder, self.history)
+            self.drawn = time.monotonic()
+
+
+def write_curves(program: ast.Program, folder: Path, history) -> None:
+    from .plots import curves_png
+    human = program.data.human_error if program.data is not None else None
+    write_atomic(folder / "curves.png", curves_png(history, f"{program.name}: loss and error per epoch",
+                                                   real=program.output.kind == "real", human_error=human))
+
+
 def write_metrics(folder: Path, history) -> None:
     lines = [json.dumps(report.epoch_json(r)) for r in history]
     write_atomic(folder / "metrics.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
@@ -173,9 +205,12 @@ def run(program: ast.Program, compiled: Compiled, splits: Splits, out: Path, *, 
 
     saver = Checkpointer(out, ident, program.train.epochs, checkpoint_interval)
     bar = report.progress(program.train.epochs, enabled=chatty, initial=start.epoch if start else 0)
+    watcher = Watcher(program, out, bar, start.history if start else ())
+    control = ControlFile(out, compiled.spec.hyper)
     try:
-        result = train(compiled, splits, device=device, threads=threads, on_epoch=bar.update,
-                       on_checkpoint=saver, resume=start, check_numerics=check_numerics, on_start=prepare)
+        result = train(compiled, splits, device=device, threads=threads, on_epoch=watcher,
+                       on_checkpoint=saver, resume=start, check_numerics=check_numerics, on_start=prepare,
+                       control=control)
         return finish(program, compiled, splits, result, out, config)
     except NonFiniteError as exc:
         raise DlnError(exc.message + _checkpoint_note(out, "is kept"), span=exc.span, path=exc.path,
@@ -199,8 +234,6 @@ def _checkpoint_note(out: Path, state: str, then: str = "") -> str:
 def finish(program: ast.Program, compiled: Compiled, splits: Splits, result: TrainResult, out: Path,
            config: dict) -> dict:
     """Write model.onnx, metrics.jsonl, the reports and curves.png; returns report.json's content."""
-    from .plots import curves_png
-
     errors = {name: m.error for name, m in result.final.items()}
     human = program.data.human_error if program.data is not None else None
     analysis = analyse(errors, human, real=program.output.kind == "real",
@@ -208,13 +241,13 @@ def finish(program: ast.Program, compiled: Compiled, splits: Splits, result: Tra
     summary = report.summary_json(program, result, out) | {
         "resumed_from_epoch": result.resumed_from, "steps": result.steps,
         "analysis": analysis_json(analysis), "config_sha256": config["config_sha256"],
-        "files": [name for name in RUN_FILES if name != checkpoint.FOLDER] + [checkpoint.FOLDER + "/"]}
+        "files": [name for name in RUN_FILES if name not in (checkpoint.FOLDER, CONTROL_FILE)]
+                 + [checkpoint.FOLDER + "/"]}
     text = (report.summary_text(program, result, out) + "\n\n" + analysis_text(analysis)
             + f"\n\nwrote {out / 'model.onnx'}; the run folder {out} holds the report, curves.png and metrics")
     trained = with_weights(compiled.model, result.weights)
     write_metrics(out, result.history)
-    write_atomic(out / "curves.png", curves_png(result.history, f"{program.name}: loss and error per epoch",
-                                                real=program.output.kind == "real", human_error=human))
+    write_curves(program, out, result.history)
     write_atomic(out / "report.txt", (text + "\n").encode())
     write_atomic(out / "report.json", json.dumps(summary, indent=2).encode())
     write_atomic(out / "model.onnx", trained.SerializeToString())

@@ -72,12 +72,14 @@ def ort_device(device: str) -> tuple[str, int]:
 class StepRunner:
     """Runs the training step with parameters and state held in two alternating OrtValue sets."""
 
-    def __init__(self, compiled: Compiled, device: str = "cpu", threads: int | None = None):
+    def __init__(self, compiled: Compiled, device: str = "cpu", threads: int | None = None,
+                 session: ort.InferenceSession | None = None):
+        """`session`: an existing session of this training graph (a search reuses one per architecture)."""
         spec = compiled.spec
         self.spec = spec
         self.on_device = device == "cuda"
         self.device = ort_device(device)
-        self.session = make_session(compiled.train_step.SerializeToString(), device, threads)
+        self.session = session or make_session(compiled.train_step.SerializeToString(), device, threads)
         self.input_dtypes = {i.name: NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         initial = {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
         self.updated = tuple(spec.updates)                      # inputs with a new value each step

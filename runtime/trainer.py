@@ -19,7 +19,7 @@ that produced it (the update is computed from it) even while the cost is still f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -50,6 +50,7 @@ class EpochRecord:
     lr: float
     cost: float                     # mean J over the epoch's steps, regularisation included
     splits: Mapping[str, SplitMetrics]
+    changes: Mapping[str, float] = field(default_factory=dict)   # graph inputs changed before this epoch (tune)
 
 
 @dataclass(frozen=True)
@@ -107,31 +108,37 @@ class NonFiniteError(DlnError):
 
 def record_json(record: EpochRecord) -> dict:
     return {"epoch": record.epoch, "lr": record.lr, "cost": record.cost,
-            "splits": {name: [m.loss, m.error, m.size] for name, m in record.splits.items()}}
+            "splits": {name: [m.loss, m.error, m.size] for name, m in record.splits.items()},
+            **({"changes": dict(record.changes)} if record.changes else {})}
 
 
 def record_from_json(data: Mapping[str, Any]) -> EpochRecord:
     return EpochRecord(int(data["epoch"]), float(data["lr"]), float(data["cost"]),
-                       {name: SplitMetrics(float(v[0]), float(v[1]), int(v[2])) for name, v in data["splits"].items()})
+                       {name: SplitMetrics(float(v[0]), float(v[1]), int(v[2])) for name, v in data["splits"].items()},
+                       {name: float(v) for name, v in data.get("changes", {}).items()})
 
 
-def learning_rate(train: ast.Train, epoch: int) -> float:
-    """α for an epoch (from 0), the same formula the training graph computes."""
-    lr, decay = train.optimizer.lr, train.lr_decay
+def learning_rate(train: ast.Train, epoch: int, hyper: Mapping[str, float] | None = None) -> float:
+    """α for an epoch (from 0), the same formula the training graph computes; `hyper` holds the
+    graph inputs' current values where they differ from the program's (lr, decay_rate, ...)."""
+    hyper = hyper or {}
+    lr, decay = hyper.get("lr", train.optimizer.lr), train.lr_decay
     if decay is None:
         return lr
+    rate = hyper.get("decay_rate", decay.rate)
     if decay.kind == "inverse":
-        return lr / (1.0 + decay.rate * epoch)
+        return lr / (1.0 + rate * epoch)
     if decay.kind == "exponential":
-        return lr * decay.rate ** epoch
-    return lr * decay.factor ** math.floor(epoch / decay.every)
+        return lr * rate ** epoch
+    return lr * hyper.get("decay_factor", decay.factor) ** math.floor(epoch / hyper.get("decay_every", decay.every))
 
 
 class Evaluator:
     """Runs the inference graph on the runner's current weights."""
 
-    def __init__(self, compiled: Compiled, device: str = "cpu", threads: int | None = None):
-        self.session = make_session(compiled.evaluation.SerializeToString(), device, threads)
+    def __init__(self, compiled: Compiled, device: str = "cpu", threads: int | None = None,
+                 session: ort.InferenceSession | None = None):
+        self.session = session or make_session(compiled.evaluation.SerializeToString(), device, threads)
         self.weight_names = [i.name for i in self.session.get_inputs() if i.name != compiled.spec.x]
         self.x_name = compiled.spec.x
         self.program = compiled.program
@@ -212,16 +219,24 @@ def train(compiled: Compiled, splits: Splits, *, device: str = "cpu", threads: i
           on_epoch: Callable[[EpochRecord], None] | None = None,
           on_checkpoint: Callable[[Snapshot], None] | None = None,
           resume: Snapshot | None = None, check_numerics: bool = False,
-          on_start: Callable[[], None] | None = None) -> TrainResult:
+          on_start: Callable[[], None] | None = None,
+          sessions: tuple[ort.InferenceSession, ort.InferenceSession] | None = None,
+          control: Callable[[int, Mapping[str, float]], Mapping[str, float]] | None = None) -> TrainResult:
     """Train from the initial weights, or from `resume`; see the module docstring.
-    `on_start` runs once the sessions exist, before the first step."""
+    `on_start` runs once the sessions exist, before the first step. `sessions`: existing
+    (training step, evaluation) sessions of these graphs, reused (a search's trials that differ
+    only in graph inputs). `control(epoch, current)` runs before each epoch (from 0) with the
+    current values of the graph inputs and returns those to change now (babysitting, `dlnc
+    tune`); the changes are recorded in the epoch's record, and a resumed run replays them."""
     program, spec = compiled.program, compiled.spec
     data = named_splits(splits)
     check_early_stopping(program, data)
     check_augment(program)
     augment = program.data.augment if program.data is not None else None
-    runner = StepRunner(compiled, device, threads)
-    evaluator = Evaluator(compiled, device, threads)
+    train_session, eval_session = sessions or (None, None)
+    runner = StepRunner(compiled, device, threads, session=train_session)
+    evaluator = Evaluator(compiled, device, threads, session=eval_session)
+    hyper = {name: float(v) for name, v in spec.hyper.items() if name != "epoch"}   # as the graph gets them
     rngs = generators(program.train.seed)
     shuffle, noise_rng = rngs["shuffle"], rngs["noise"]
     x, y = splits.train.x, splits.train.y
@@ -239,12 +254,21 @@ def train(compiled: Compiled, splits: Splits, *, device: str = "cpu", threads: i
         step, start, stopped = resume.step, resume.epoch, resume.stopped
         best_metric, best_epoch = resume.best_metric, resume.best_epoch
         best_weights = dict(resume.best_arrays) if resume.best_arrays is not None else None
+        for record in history:                       # the changes made while it ran hold on
+            hyper.update(record.changes)
+        runner.set_hyper(hyper)
     if on_start is not None:
         on_start()
     for epoch in range(start, program.train.epochs):
         if stopped:
             break
         runner.set_hyper({"epoch": float(epoch)})
+        changes = {}
+        if control is not None:
+            changes = {name: float(v) for name, v in control(epoch, dict(hyper)).items()
+                       if name in hyper and float(v) != hyper[name]}
+            hyper.update(changes)
+            runner.set_hyper(changes)
         costs = []
         x_epoch = x if augment is None else augment_images(x, augment, rngs["augment"])
         batches = batch_indices(len(x), program.train.batch_size, shuffle)
@@ -267,8 +291,8 @@ def train(compiled: Compiled, splits: Splits, *, device: str = "cpu", threads: i
             if on_step is not None:
                 on_step(step, cost)
         values = runner.values()
-        record = EpochRecord(epoch + 1, learning_rate(program.train, epoch), float(np.mean(costs)),
-                             {name: evaluator.metrics(values, d) for name, d in data.items()})
+        record = EpochRecord(epoch + 1, learning_rate(program.train, epoch, hyper), float(np.mean(costs)),
+                             {name: evaluator.metrics(values, d) for name, d in data.items()}, changes)
         history.append(record)
         if stopping is not None:
             dev = record.splits["dev"]

@@ -169,6 +169,10 @@ def test_a_user_error_never_shows_a_traceback(tmp_path, dlnc):
 
 
 def test_features_of_later_issues_check_but_do_not_compile(tmp_path, dlnc):
+    from compiler.lower import NOT_YET
+    from dsl import ast
+    if ast.Pretrained not in NOT_YET:           # embed came with the sequence models; pretrained is the last one
+        pytest.skip("every layer kind compiles in this version")
     text = (EXAMPLES / "digits_deep.dln").read_text().replace("dense hidden relu", 'pretrained "trunk.onnx"')
     path = write(tmp_path, text.replace("float[64]", "float[1, 8, 8]"))
     assert dlnc("check", path).code == 0
