@@ -115,23 +115,21 @@ class ConfigResult:
 
 
 # ---------------------------------------------------------------- measurements
-def others_cpu_seconds(exclude: set[int]) -> float | None:
-    """CPU seconds used so far by every process but the harness and its workers (Linux /proc);
-    the difference over the timed rounds tells how loaded the machine was by others."""
-    proc = Path("/proc")
-    if not (proc / "stat").exists():
+def others_cpu_seconds(own: set[int]) -> float | None:
+    """CPU seconds used so far by everything but the harness and its workers (Linux /proc):
+    all busy time in /proc/stat less the processes in `own`, so short-lived processes that
+    start and end between two readings are counted too."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = sum(fields[:8]) - fields[3] - fields[4]          # all but idle and iowait (no guest)
+        mine = 0
+        for pid in own:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            mine += int(stat[11]) + int(stat[12])               # utime + stime, all threads
+    except (OSError, ValueError, IndexError):
         return None
-    total, tick = 0, os.sysconf("SC_CLK_TCK")
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in exclude:
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])           # utime + stime
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / tick
-
+    return (busy - mine) / tick
 
 
 def matmul_peak(n: int, repeats: int = 5) -> float:
@@ -187,13 +185,16 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
         if model not in PEER_MODELS.get(peer, {model}):
             results[peer].reason = "—"
             continue
+        if args.device == "cuda" and peer in ("jax", "ortt"):
+            results[peer].reason = "CPU-only environment (bench/setup_peers.sh installs CPU builds)"
+            continue
         python = peer_python(peer)
         if python is None:
             results[peer].reason = "not installed (bench/setup_peers.sh)"
             continue
         worker = pool.pop(peer, None) or Worker(peer, python, args.threads)
         reply = worker.ask(op="setup", model=model, batch=batch, threads=args.threads, path=str(path),
-                           arch=arch, device=args.device)
+                           arch=arch, device=args.device, sync_every_step=args.jax_sync)
         if not reply["ok"]:
             results[peer].reason = reply["reason"]
             if args.quick and worker.proc.poll() is None:
@@ -292,6 +293,8 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
                  f"{'--quick smoke test: one short round, the timings mean nothing' if args.quick else f'median of {args.rounds} rounds after warm-up'}")
     lines.append(f"float32 matmul peak (numpy, {args.peak_n}×{args.peak_n}, median of 5): {peak:.1f} GFLOP/s"
                  + (f"   [note: {openblas} set; unset them for the reference peak]" if openblas else ""))
+    if args.device == "cuda":
+        lines.append("note: --device cuda; the peak above is the CPU's, so '% peak' compares against the CPU")
     lines.append("")
     others = [p for p in peers if p != "dlnc"]
     head = ["model", "batch"] + [f"{PEER_TITLES[p]} st/s" for p in peers] + \
@@ -407,6 +410,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-seconds", type=float, default=0.4)
+    parser.add_argument("--jax-sync", action="store_true",
+                        help="JAX reads the loss back every step, as dlnc and onnxruntime-training do "
+                             "(default: once a round, keeping JAX's asynchronous dispatch)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.warmup, args.min_steps, args.peak_n, args.compile_repeats, args.infer_reps = 30, 5, 2048, 3, 50

@@ -1,4 +1,4 @@
-"""The `dlnc` command line: check, fmt, shapes, compile, run, predict, info, sample, score.
+"""The `dlnc` command line: check, fmt, shapes, compile, run, search, tune, predict, info, sample, score.
 
 Exit codes: 0 success, 2 a user error (language, data, files, options), 1 anything else.
 A user error prints as `file:line:col: error: message` with the source line and a caret;
@@ -186,12 +186,87 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
-def cmd_not_yet(args) -> int:
-    raise DlnError(f"`dlnc {args.command}` is not available yet in this version of dlnc "
-                   f"(it comes with the {NOT_YET[args.command]}); dlnc run trains a single model")
+def cmd_search(args) -> int:
+    from . import search as searching
+    overrides = parse_overrides(args.set)
+    program = dsl.load_file(args.file, overrides=overrides)
+    searching.check_search(program)
+    check_available(program)
+    compile_program(program)                       # language and shape errors before any data is read
+    if args.workers < 1:
+        raise DlnError(f"--workers {args.workers}: give 1 or more", path="dlnc search")
+    if args.address and args.executor != "ray":
+        raise DlnError("--address names a Ray cluster; add --executor ray", path="dlnc search")
+    out = Path(args.output) if args.output else Path("runs") / f"{program.name}-search-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise DlnError(f"{out} is a file, not a folder — choose another -o", path="dlnc search")
+    if (out / "search.csv").exists() and not args.force:
+        raise DlnError(f"{out} already holds a search; pass --force to overwrite it, or choose another -o",
+                       path="dlnc search")
+    splits = load_data(program)
+    from .trainer import named_splits
+    split = program.search.metric.split("_", 1)[0]
+    if split not in named_splits(splits):
+        raise DlnError(f"the search's metric {program.search.metric} needs a {split} split, but the data block "
+                       f"gives no {split} examples; write `split train=0.8 dev=0.2`",
+                       span=program.search.span, path=program.path, source=program.source)
+    chatty = not (args.quiet or args.json)
+    total = program.search.trials if program.search.kind == "random" else \
+        int(np.prod([len(d.args) for d in program.search.dims]))
+
+    def on_round(number, regions):
+        if chatty:
+            print(f"round {number}: " + "; ".join(r.describe() for r in regions), file=sys.stderr)
+
+    def on_result(trial):
+        if chatty:
+            values = ", ".join(f"{k}={searching._cell(v)}" for k, v in trial.values.items())
+            outcome = (f"{program.search.metric} {trial.metric:.4f}" if trial.status == "ok"
+                       else f"failed: {trial.reason[:120]}")
+            print(f"  trial {trial.number} ({values}): {outcome} [{trial.train_seconds:.1f} s"
+                  f"{', graph reused' if trial.reused else ''}]", file=sys.stderr)
+
+    result = searching.run_search(program, overrides=overrides, executor=args.executor, workers=args.workers,
+                                  address=args.address, threads=args.threads, splits=splits,
+                                  on_result=on_result, on_round=on_round)
+    write_atomic(out / "search.csv", searching.csv_text(result).encode())
+    write_atomic(out / "search.png", searching.search_png(result))
+    summary = searching.summary_json(result)
+    best = searching.export_best(result, splits, out / "best", overrides, source_hash(program)) \
+        if result.best is not None else None
+    summary["best_run"] = None if best is None else {"folder": str(out / "best"), "splits": best["splits"]}
+    summary["saving"] = searching.saving_text(result)
+    write_atomic(out / "search.json", json.dumps(summary, indent=2, default=str).encode())
+    search = program.search
+    rounds = f"{search.rounds} round{'s' * (search.rounds > 1)} of {total} trials"
+    lines = [f"search {program.name}: {search.kind}, {rounds}, {search.metric} (lower is better), "
+             f"{len(result.trials)} trials in {result.seconds:.1f} s"]
+    lines += [f"  round {i}: " + "; ".join(r.describe() for r in regions)
+              for i, regions in enumerate(result.regions, start=1)]
+    lines += ["", searching.table_text(result)]
+    if summary["saving"]:
+        lines += ["", summary["saving"]]
+    if result.best is None:
+        if args.json:
+            print(json.dumps(summary, default=str))
+        elif not args.quiet:
+            print("\n".join(lines))
+        raise DlnError(f"every trial failed; see the reasons above and {out / 'search.csv'}", path="dlnc search")
+    b = result.best
+    lines += ["", f"best: trial {b.number} ({', '.join(f'{k}={searching._cell(v)}' for k, v in b.values.items())}), "
+                  f"{search.metric} {b.metric:.4f}; its run folder is {out / 'best'} (model.onnx, report.txt, "
+                  f"curves.png)", f"wrote {out / 'search.csv'}, {out / 'search.json'} and {out / 'search.png'}"]
+    if args.json:
+        print(json.dumps(summary, default=str))
+    elif not args.quiet:
+        print("\n".join(lines))
+    return EXIT_OK
 
 
-NOT_YET = {"search": "hyperparameter-search work"}
+def cmd_tune(args) -> int:
+    from .control import tune
+    print(tune(Path(args.run), parse_overrides(args.set)))
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- the parser
@@ -251,10 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("score", cmd_score, "log-probability of a sentence, and of each token", file_arg=False)
     p.add_argument("model", help="a language model (.onnx) from dlnc run")
     p.add_argument("sentence")
-    for name in NOT_YET:
-        p = sub.add_parser(name, help=f"not available yet")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(fn=cmd_not_yet)
+    p = with_set(command("search", cmd_search, "hyperparameter search over the program's params"))
+    p.add_argument("-o", "--output", help="search folder (default runs/<model>-search-<time>/)")
+    p.add_argument("--workers", type=int, default=1, help="trials run in parallel (processes, or Ray tasks)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this machine; ray: a Ray cluster (pip install 'dlnc[ray]')")
+    p.add_argument("--address", default=None, help="the Ray cluster to join (ray://HOST:10001 or HOST:6379); "
+                                                  "default: a local Ray instance with --workers CPUs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime threads per trial (default: the cores shared among the workers; 1 on Ray)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing search folder")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quiet", action="store_true")
+    mode.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = command("tune", cmd_tune, "change graph inputs (lr, lambda, keep_prob, betas) of a running dlnc run",
+                file_arg=False)
+    p.add_argument("run", help="the run folder (dlnc run -o DIR)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a graph input and its new value, applied at the next epoch (none: list them)")
     return parser
 
 

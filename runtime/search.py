@@ -15,8 +15,9 @@ Coarse to fine. After round r the `KEEP` share of the successful trials with the
 (at least 2) set round r + 1's region: for a numeric param, the span of their values (on the
 log scale for log_uniform), padded by a tenth of the old range, at most half the old range
 (centred on the best trial when the span is wider), and inside the old range; for `choice`,
-the values among them; for a numeric grid, as many points as before between the best value's
-two neighbours.
+the values among them; for a numeric grid, as many points as before from halfway to the best
+value's lower neighbour to halfway to its upper one (on the log scale for a grid of positive
+numbers that spans a factor of 10 or more).
 
 One compiled graph per architecture. A trial differs from another in graph inputs only when
 their programs agree once the graph inputs (lr, β, β1, β2, ε, λ, keep_prob, decay, clip_norm)
@@ -159,11 +160,12 @@ def _refine_one(r: Region, kept: list, best) -> Region:
         ordered = sorted(set(r.values))
         if len(ordered) < 2:
             return r
-        i = ordered.index(best)
-        lo, hi = ordered[max(i - 1, 0)], ordered[min(i + 1, len(ordered) - 1)]
-        points = np.linspace(_scale(lo, r.log), _scale(hi, r.log), len(r.values))
+        i, centre = ordered.index(best), _scale(best, r.log)
+        lo = (centre + _scale(ordered[i - 1], r.log)) / 2 if i > 0 else centre
+        hi = (centre + _scale(ordered[i + 1], r.log)) / 2 if i + 1 < len(ordered) else centre
+        points = np.linspace(lo, hi, len(r.values))
         integral = all(isinstance(v, int) for v in r.values)
-        values = [_unscale(p, r.log) for p in points]
+        values = [_unscale(p, r.log) for p in points]      # the old grid's own spacing halves at least
         values = sorted(set(int(round(v)) for v in values)) if integral else [float(f"{v:.6g}") for v in values]
         return replace(r, values=tuple(values))
     low, high = _scale(r.low, r.log), _scale(r.high, r.log)
@@ -218,8 +220,8 @@ class TrialResult:
     result: Any = None                       # the TrainResult (weights and history), for the best trial's export
 
     def row(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "result"} if self.result is None else \
-            {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "result"}
+        """The JSON-able fields (not the trained weights)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "result"}
 
 
 def trial_overrides(base: Mapping[str, str], values: Mapping[str, Any]) -> dict[str, str]:
@@ -266,11 +268,14 @@ def data_key(program: ast.Program) -> Any:
 
 @dataclass
 class WorkerCache:
-    """A process's compiled graphs and sessions per architecture, and its data per data block."""
+    """A process's compiled graphs and sessions per architecture (the `GRAPHS_KEPT` used last),
+    and its data per data block."""
 
-    graphs: dict = field(default_factory=dict)    # architecture key -> (Compiled, train session, eval session)
+    graphs: dict = field(default_factory=dict)    # architecture key -> (Compiled, train session, eval session, threads)
     data: dict = field(default_factory=dict)      # data key -> Splits
-    compiles: int = 0
+
+
+GRAPHS_KEPT = 8
 
 
 _CACHE = WorkerCache()
@@ -296,7 +301,9 @@ def _graphs_for(program: ast.Program, splits, threads: int | None, result: Trial
     from .cli import compile_with_data
     from .session import make_session
     key = architecture_key(program)
-    cached = _CACHE.graphs.get(key)
+    cached = _CACHE.graphs.pop(key, None)
+    if cached is not None:
+        _CACHE.graphs[key] = cached                     # now the most recently used
     if cached is not None and cached[3] == threads:
         compiled, train_session, eval_session, _ = cached
         hyper = hyper_values(program)
@@ -312,7 +319,8 @@ def _graphs_for(program: ast.Program, splits, threads: int | None, result: Trial
     eval_session = make_session(compiled.evaluation.SerializeToString(), "cpu", threads)
     result.session_seconds = time.perf_counter() - start
     _CACHE.graphs[key] = (compiled, train_session, eval_session, threads)
-    _CACHE.compiles += 1
+    while len(_CACHE.graphs) > GRAPHS_KEPT:
+        _CACHE.graphs.pop(next(iter(_CACHE.graphs)))
     return compiled, train_session, eval_session
 
 
@@ -412,22 +420,21 @@ class RayExecutor:
         self.shipped = ray.put(shipped)
 
     def map(self, jobs: Sequence[TrialJob]) -> Iterable[TrialResult]:
-        pending = [self.remote.remote(job, self.shipped) for job in jobs]
+        refs = {self.remote.remote(job, self.shipped): job for job in jobs}
+        pending = list(refs)
         while pending:
             done, pending = self.ray.wait(pending, num_returns=1)
             for ref in done:
                 try:
                     yield self.ray.get(ref)
                 except Exception as exc:        # the worker died (out of memory, a lost node)
-                    yield _lost(jobs, ref, exc)
+                    job = refs[ref]
+                    yield TrialResult(job.number, job.round, dict(job.values), "failed",
+                                      reason=f"Ray task failed: {type(exc).__name__}: {str(exc)[:300]}")
 
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
-
-
-def _lost(jobs, ref, exc) -> TrialResult:
-    return TrialResult(-1, 0, {}, "failed", reason=f"Ray task failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def ray_runtime_env() -> dict:
@@ -504,8 +511,6 @@ def run_search(program: ast.Program, *, overrides: Mapping[str, str] | None = No
                              search.metric, threads, objective) for i, point in enumerate(points)]
             results = []
             for result in pool.map(jobs):
-                if result.number < 0:
-                    continue
                 results.append(result)
                 _keep_best_weights(trials + results, result)
                 if on_result is not None:
@@ -517,8 +522,7 @@ def run_search(program: ast.Program, *, overrides: Mapping[str, str] | None = No
             regions = refine(regions, ranked)
     finally:
         pool.close()
-    compiles = _CACHE.compiles if workers == 1 and executor == "local" else \
-        len({(t.worker, t.number) for t in trials if t.compile_seconds > 0})
+    compiles = sum(1 for t in trials if t.compile_seconds > 0)
     return SearchResult(program, trials, history, search.metric, time.perf_counter() - started, compiles)
 
 

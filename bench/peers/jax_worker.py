@@ -123,12 +123,16 @@ def setup(request):
     state = {"p": p, "m": zeros(), "v": zeros(), "t": jnp.asarray(0.0, jnp.float32)}
     STATE.update(forward=jax.jit(lambda p, x: jax.nn.softmax(forward(p, x))), state=state, xs=xs, jnp=jnp)
 
+    sync = bool(request.get("sync_every_step"))          # read the loss back every step, as dlnc does
+
     def step(n: int) -> float:
         loss = None
         for i in range(n):
             x, y = batches[i % len(batches)]
             state["p"], state["m"], state["v"], state["t"], loss = step_fn(
                 state["p"], state["m"], state["v"], state["t"], x, y)
+            if sync:
+                float(loss)
         return float(loss)
 
     return step, {"version": jax.__version__, "devices": str(jax.devices())}

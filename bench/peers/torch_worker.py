@@ -1,5 +1,6 @@
 """The PyTorch eager peer: the same models, torch.optim.Adam (its default implementation),
-torch.set_num_threads(threads), the loss read back as a float every step as dlnc does."""
+torch.set_num_threads(threads), the loss read back as a float every step as dlnc does; with
+--device cuda the model and the mini-batches live on the GPU."""
 from __future__ import annotations
 
 import protocol
@@ -54,7 +55,11 @@ def setup(request):
         xs, ys = protocol.synthetic_tokens(batch, int(request.get("arch", {}).get("steps", 32)), classes)
     else:
         xs, ys = protocol.synthetic_classification(batch, features, classes)
-    xs, ys = torch.from_numpy(xs), torch.from_numpy(ys)
+    device = torch.device("cuda" if request.get("device") == "cuda" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this torch build has no CUDA")
+    net = net.to(device)
+    xs, ys = torch.from_numpy(xs).to(device), torch.from_numpy(ys).to(device)   # on the device beforehand
     batches = [(xs[i], ys[i].reshape(-1)) for i in range(len(xs))]
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -72,7 +77,7 @@ def setup(request):
             loss = out.item()
         return loss
 
-    return step, {"version": torch.__version__, "threads": torch.get_num_threads()}
+    return step, {"version": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def infer(batch: int):
