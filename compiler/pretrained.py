@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -129,7 +130,8 @@ def _load_cached(path: Path) -> tuple[onnx.ModelProto, str]:
     model = load_pretrained(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if key is not None:
-        _LOADED.clear() if len(_LOADED) > 8 else None
+        if len(_LOADED) >= 8:
+            _LOADED.clear()
         _LOADED[key] = (model, digest)
     return model, digest
 
@@ -173,7 +175,9 @@ def cut(model: onnx.ModelProto, until: str | None, path: Path) -> Cut:
     producers = {out: node for node in graph.node for out in node.output if out}
     initializers = {t.name: t for t in graph.initializer}
     inputs = {i.name: i for i in graph.input if i.name not in initializers}
-    if target not in producers and target not in inputs:
+    if target in inputs:
+        raise DlnError(f"until=\"{target}\" names the input of {path.name}; cut at a tensor that a node computes")
+    if target not in producers:
         names = [o for n in graph.node for o in n.output if o]
         from dsl.errors import did_you_mean
         hint = did_you_mean(target, names) or f" — its tensors include {', '.join(names[:8])}" + \
@@ -307,7 +311,7 @@ class Trunk:
             except Exception as exc:
                 raise DlnError(f"pretrained layer {self.layer}: its model uses ONNX opset {self.cut.opset} and "
                                f"onnx cannot convert it to opset {opset} ({str(exc).splitlines()[0]}); compile with "
-                               f"--opset {self.cut.opset}") from None
+                               f"--opset {self.cut.opset}", path="dlnc") from None
             self._converted[opset] = (tuple(converted.graph.node), tuple(converted.graph.initializer))
         return self._converted[opset]
 
@@ -373,7 +377,10 @@ class Importer:
         if array is None:
             raise self.fail(node, f"reads '{name}', which nothing computes")
         if array.dtype.kind == "f" and (weight or self._dlnc_param(name)):
-            param = self.ctx.param(self.layer, name, array, regularized=array.ndim >= 2)
+            role = re.sub(r"[^A-Za-z0-9_.]", "_", name)      # a safe key in checkpoints and file names
+            while f"{self.layer.name}.{role}" in self.ctx.param_values:
+                role += "_"
+            param = self.ctx.param(self.layer, role, array, regularized=array.ndim >= 2)
             self.params[name] = param
             return param
         dtype = IR_DTYPES.get(array.dtype)
@@ -608,11 +615,16 @@ def lower_trainable(ctx: LowerContext, layer: ast.Pretrained, a: Value, model: o
 
 
 def lower_pretrained(ctx: LowerContext, layer: ast.Pretrained, a: Value) -> Value:
+    """The file's errors point at its path, the cut's at `until`, the rest at the layer."""
     program = ctx.program
     path = resolve_path(program, layer)
+    at = layer.spans.get("path", layer.span)
     try:
         model, digest = _load_cached(path)
+        if layer.until is not None:
+            at = layer.spans.get("until", layer.span)
         cut_ = cut(model, layer.until, path)
+        at = layer.span
         check_input(cut_, a, path)
         if layer.trainable:
             return lower_trainable(ctx, layer, a, model, cut_, path)
@@ -620,8 +632,6 @@ def lower_pretrained(ctx: LowerContext, layer: ast.Pretrained, a: Value) -> Valu
     except DlnError as exc:
         if exc.span is not None:
             raise
-        at = layer.spans.get("until", layer.span) if "until" in exc.message[:20] else \
-            layer.spans.get("path", layer.span)
         raise error(f"{layer.name} (pretrained): {exc.message}", at, program) from None
 
 

@@ -218,7 +218,12 @@ def cmd_search(args) -> int:
         if chatty:
             print(f"round {number}: " + "; ".join(r.describe() for r in regions), file=sys.stderr)
 
+    done = []
+
     def on_result(trial):
+        done.append(trial)                         # search.csv grows as trials finish
+        partial = searching.SearchResult(program, list(done), [], program.search.metric, 0.0)
+        write_atomic(out / "search.csv", searching.csv_text(partial).encode())
         if chatty:
             values = ", ".join(f"{k}={searching._cell(v)}" for k, v in trial.values.items())
             outcome = (f"{program.search.metric} {trial.metric:.4f}" if trial.status == "ok"

@@ -79,7 +79,7 @@ class ControlFile:
         self.path = Path(folder) / CONTROL_FILE
         self.names = tunable(names)
         self.say = say or (lambda message: print(message, file=sys.stderr))
-        self._seen: tuple | None = None           # (mtime_ns, size) of the version read last
+        self._seen: tuple | None = None           # (inode, mtime_ns, size) of the version read last
         self._wanted: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
@@ -88,7 +88,7 @@ class ControlFile:
         except OSError:
             self._seen, self._wanted = None, {}
             return {}
-        version = (stat.st_mtime_ns, stat.st_size)
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)      # an atomic rewrite is a new inode
         if version != self._seen:
             self._seen = version
             try:

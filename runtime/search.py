@@ -41,7 +41,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,7 +51,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 import dsl
-from compiler.program import Compiled
 from dsl import ast
 from dsl.errors import DlnError
 
@@ -672,6 +670,9 @@ def export_best(result: SearchResult, splits, folder: Path, overrides: Mapping[s
     if best is None or best.result is None:
         return None
     program = dsl.load(result.program.source or "", result.program.path, trial_overrides(overrides, best.values))
+    if data_key(program) != data_key(result.program):           # a searched param changed the data block
+        from .cli import load_data
+        splits = load_data(program)
     compiled = compile_with_data(program, splits)
     config = report.config_json(program, source_hash, compiled=compiled, data_hash=splits.source_hash)
     config["search_trial"] = best.number

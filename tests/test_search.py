@@ -233,3 +233,17 @@ def test_ray_executor_without_ray_says_how_to_install_it(tmp_path, dlnc, monkeyp
     path.write_text(HEAD + "search random trials=2 { lr = log_uniform(1e-3, 1e-1) }\n")
     result = dlnc("search", path, "-o", tmp_path / "s", "--executor", "ray")
     assert result.code == 2 and "pip install 'dlnc[ray]'" in result.err
+
+
+@pytest.mark.parametrize("name", ["digits_search", "digits_cnn_grid"])
+def test_search_examples_run_on_short_schedules(name, tmp_path, dlnc):
+    import re
+    from conftest import EXAMPLES
+    text = (EXAMPLES / "search" / f"{name}.dln").read_text()
+    text = re.sub(r"\bepochs \d+", "epochs 1", text).replace("trials=12", "trials=3")
+    text = text.replace("[0.003, 0.01, 0.03, 0.1, 0.3]", "[0.01, 0.1]")
+    path = tmp_path / f"{name}.dln"
+    path.write_text(text)
+    result = dlnc("search", path, "-o", tmp_path / "s", "--threads", "1")
+    assert result.code == 0, result.err
+    assert "round 2:" in result.out and (tmp_path / "s" / "best" / "model.onnx").is_file()

@@ -16,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper
 import dsl
 from compiler.program import compile_program
 from conftest import EXAMPLES
-from dsl.errors import DlnError
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
