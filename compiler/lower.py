@@ -153,7 +153,7 @@ def lower_dense(ctx: LowerContext, layer: ast.Dense, a: Value) -> Value:
                     f"write `flatten` before it", layer.span, ctx.program)
     units = layer.units
     if units == "vocab":
-        raise error("`vocab` is defined by text data, which is not available yet; write the number of units",
+        raise error("`vocab` is the vocabulary of text data, and this program reads none; write the number of units",
                     layer.spans.get("units", layer.span), ctx.program)
     n_in = int(a.shape[1])
     w = ctx.param(layer, "W", init_weights(ctx.rng, (units, n_in), n_in, layer.activation.kind), True)
@@ -298,14 +298,6 @@ def lower_batchnorm(ctx: LowerContext, layer: ast.BatchNorm, a: Value) -> Value:
     return b.add(b.mul(per_feature(gamma), normalized), per_feature(beta), name=layer.name)
 
 
-NOT_YET = {
-    ast.Embed: "embeddings",
-    ast.OneHot: "one_hot layers",
-    ast.Recurrent: "recurrent layers",
-    ast.Last: "`last` layers",
-    ast.Pretrained: "pretrained layers (transfer learning)",
-}
-
 LOWER_RULES: dict[type, Callable[[LowerContext, ast.Layer, Value], Value]] = {
     ast.Dense: lower_dense,
     ast.Conv: lower_conv,
@@ -314,28 +306,6 @@ LOWER_RULES: dict[type, Callable[[LowerContext, ast.Layer, Value], Value]] = {
     ast.Dropout: lower_dropout,
     ast.BatchNorm: lower_batchnorm,
 }
-
-
-def unavailable_feature(program: ast.Program) -> tuple[str, Span | None] | None:
-    """The first feature this version cannot compile ("convolutional layers"), and where it is."""
-    if program.input.kind not in ("float", "tokens"):
-        return f"`{program.input.kind}` inputs", program.input.span
-    if program.output.kind not in ("binary", "class", "real", "tokens"):
-        return f"`{program.output.kind}` outputs", program.output.span
-    for layer in program.layers:
-        if type(layer) in NOT_YET:
-            return NOT_YET[type(layer)], layer.span
-    return None
-
-
-def check_available(program: ast.Program) -> None:
-    """A located 'not available yet' error for the first feature this version cannot compile."""
-    missing = unavailable_feature(program)
-    if missing is not None:
-        what, span = missing
-        raise error(f"{what} are not available yet in this version of dlnc; it compiles dense and "
-                    f"convolutional networks (dense, conv, maxpool, avgpool, flatten, dropout, batchnorm) "
-                    f"with float inputs", span, program)
 
 
 def lower_layer(ctx: LowerContext, layer: ast.Layer, a: Value) -> Value:
@@ -380,7 +350,6 @@ def lower_input(ctx: LowerContext, x: Value, normalization: Normalization | None
 def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | None) -> Value:
     """All layers in order; returns the last layer's activation."""
     program = ctx.program
-    check_available(program)
     if not program.layers:
         raise error("the layers block is empty; write at least the output layer", program.span, program)
     check_output_layer(program, program.layers[-1])

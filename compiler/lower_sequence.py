@@ -2,7 +2,7 @@
 
 Imported at the bottom of `compiler.lower`: it registers its rules into `lower.LOWER_RULES`
 (`dense` included: on a sequence it applies at every step, otherwise it is lower's own rule) and
-takes its layer kinds off `lower.NOT_YET`.
+registers its layer kinds in `lower.LOWER_RULES`.
 
 Layouts are batch-first. A `tokens` input is (N, T) int64 ids; `embed D` and `one_hot` make it
 (N, T, D) and (N, T, V); a recurrent layer gives (N, T, H), or (N, H) with `last`; a `last` layer
@@ -32,9 +32,8 @@ from dsl import ast
 
 from .cells import GATES, unroll
 from .ir import Value
-from .lower import ACTIVATIONS, LOWER_RULES, NOT_YET, LayerInfo, LowerContext, describe, error, init_weights
+from .lower import ACTIVATIONS, LOWER_RULES, LayerInfo, LowerContext, describe, error, init_weights
 
-SEQUENCE_LAYERS = (ast.Embed, ast.OneHot, ast.Recurrent, ast.Last)
 DEFAULT_VOCAB = 64          # `vocab` before the data is read (dlnc check, the first compile of dlnc run)
 DEFAULT_STEPS = 32          # the training window T of text data without `sequence_length`
 
@@ -195,5 +194,3 @@ def sequence_loss(ctx: LowerContext, last: ast.Dense, y: Value) -> Value:
 
 LOWER_RULES.update({ast.Embed: lower_embed, ast.OneHot: lower_one_hot, ast.Recurrent: lower_recurrent,
                     ast.Last: lower_last, ast.Dense: lower_dense})
-for _kind in SEQUENCE_LAYERS:
-    NOT_YET.pop(_kind, None)

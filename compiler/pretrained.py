@@ -38,7 +38,7 @@ from dsl import ast
 from dsl.errors import DlnError
 
 from .ir import Value
-from .lower import LOWER_RULES, NOT_YET, LayerInfo, LowerContext, describe, error
+from .lower import LOWER_RULES, LayerInfo, LowerContext, describe, error
 from .shapes import ShapeError, same_padding
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
@@ -636,4 +636,3 @@ def lower_pretrained(ctx: LowerContext, layer: ast.Pretrained, a: Value) -> Valu
 
 
 LOWER_RULES[ast.Pretrained] = lower_pretrained
-NOT_YET.pop(ast.Pretrained, None)

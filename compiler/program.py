@@ -20,8 +20,7 @@ from . import __version__
 from .autodiff import grad
 from .emit import DEFAULT_OPSET, resolve_target, to_onnx
 from .ir import Builder, Graph, Value
-from .lower import BufferSpec, LayerInfo, LowerContext, Normalization, ParamSpec, error, lower_network, \
-    unavailable_feature
+from .lower import LayerInfo, LowerContext, Normalization, ParamSpec, error, lower_network
 from .lower_sequence import check_token_input, sequence_loss, token_sizes
 from .simplify import simplify
 from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, clip_by_global_norm, data_loss, decayed_lr, \
@@ -64,8 +63,7 @@ def resolve_loss(program: ast.Program) -> str:
     loss = program.train.loss or DEFAULT_LOSS.get(out.kind)
     allowed = LOSSES_FOR_OUTPUT.get(out.kind, ())
     if loss not in allowed:
-        raise error(f"loss {loss} does not fit output {out.name}: {out.kind}; write `loss {allowed[0]}`"
-                    if allowed else f"`{out.kind}` outputs are not available yet",
+        raise error(f"loss {loss} does not fit output {out.name}: {out.kind}; write `loss {allowed[0]}`",
                     program.train.spans.get("loss", program.train.span), program)
     return loss
 
@@ -246,12 +244,6 @@ def compile_program(program: ast.Program, normalization: Normalization | None = 
     train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,
                                doc=f"dlnc training step for {program.name}"))
     return Compiled(program, model, train_step, evaluation, spec, tuple(infer_ctx.infos), resolve_loss(program))
-
-
-def check_program(program: ast.Program) -> Compiled | None:
-    """`dlnc check` past the front end: compile to find shape and type errors, where this version
-    compiles the program's features at all (None where a feature comes later)."""
-    return None if unavailable_feature(program) is not None else compile_program(program)
 
 
 def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:

@@ -21,13 +21,13 @@ import numpy as np
 import dsl
 from compiler import __version__
 from compiler.emit import DEFAULT_OPSET, MIN_OPSET, newest_opset, resolve_target
-from compiler.lower import Normalization, check_available, unavailable_feature
-from compiler.program import Compiled, check_program, compile_program, with_weights
+from compiler.lower import Normalization
+from compiler.program import Compiled, compile_program
 from dsl import ast
 from dsl.errors import DlnError
 
 from . import report
-from .data import Splits, load_features, load_splits, normalization
+from .data import Splits, load_splits, normalization
 from .files import load_onnx, write_atomic
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
@@ -81,12 +81,7 @@ def compile_with_data(program: ast.Program, splits: Splits | None, opset: int = 
 # ---------------------------------------------------------------- commands
 def cmd_check(args) -> int:
     program = load_program(args)
-    later = unavailable_feature(program)
-    if later is not None:
-        print(f"{args.file}: ok — model {program.name} parses and type-checks; compiling it needs a later "
-              f"version of dlnc ({later[0]})")
-        return EXIT_OK
-    compiled = check_program(program)
+    compiled = compile_program(program)
     params = sum(int(np.prod(p.init.shape)) for p in compiled.spec.params)
     if "tokens" in (program.input.kind, program.output.kind):      # the vocabulary comes with the data
         print(f"{args.file}: ok — model {program.name}, {len(program.layers)} layers; its size depends on the "
@@ -120,7 +115,6 @@ def cmd_compile(args) -> int:
         resolve_target(args.opset, args.ir_version)          # a bad --opset before any data is read
     except DlnError as exc:
         raise DlnError(exc.message, path="dlnc compile") from None
-    check_available(program)
     splits = load_data(program) if program.data is not None else None
     compiled = compile_with_data(program, splits, args.opset, args.ir_version)
     out = Path(args.output)
@@ -139,7 +133,6 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from . import run
     program = load_program(args)
-    check_available(program)
     compile_program(program)                       # language and shape errors before any data is read
     if args.checkpoint_interval < 0:
         raise DlnError("--checkpoint-interval must be 0 (every epoch) or a positive number of seconds",
@@ -191,7 +184,6 @@ def cmd_search(args) -> int:
     overrides = parse_overrides(args.set)
     program = dsl.load_file(args.file, overrides=overrides)
     searching.check_search(program)
-    check_available(program)
     compile_program(program)                       # language and shape errors before any data is read
     if args.workers < 1:
         raise DlnError(f"--workers {args.workers}: give 1 or more", path="dlnc search")

@@ -1,24 +1,16 @@
-"""The models the interop and opset tests export: every example, and one program per layer kind.
-
-A case that needs a feature this version of dlnc cannot compile yet ("... not available yet")
-is skipped, so new layer kinds (conv, pooling, ...) join the interop tests as soon as they
-compile, without editing the tests.
-"""
+"""The models the interop and opset tests export: every example, and one program per layer kind."""
 from __future__ import annotations
 
 import functools
-import json
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import pytest
 
 import dsl
 from compiler.emit import DEFAULT_OPSET
 from compiler.program import Compiled, compile_program, with_weights
-from dsl.errors import DlnError
 from runtime.cli import compile_with_data, load_data, source_hash
 
 from conftest import EXAMPLES
@@ -80,10 +72,6 @@ class Case:
     x: np.ndarray                       # a batch of raw inputs
 
 
-def _not_yet(exc: DlnError) -> bool:
-    return "not available yet" in exc.message
-
-
 def vocab_size(compiled: Compiled) -> int:
     meta = {p.key: p.value for p in compiled.model.metadata_props}
     return len(json.loads(meta.get("dlnc.vocab", "[]"))) or len(VOCAB)
@@ -121,13 +109,8 @@ def example_case(name: str, opset: int = DEFAULT_OPSET) -> Case:
     """An example compiled as `dlnc compile` does (normalisation and classes from its data)."""
     path = EXAMPLES / f"{name}.dln"
     program = dsl.load_file(str(path))
-    try:
-        splits = load_data(program) if program.data is not None else None
-        compiled = compile_with_data(program, splits, opset)
-    except DlnError as exc:
-        if _not_yet(exc):
-            pytest.skip(f"{name}: {exc.message}")
-        raise
+    splits = load_data(program) if program.data is not None else None
+    compiled = compile_with_data(program, splits, opset)
     x = splits.train.x[:7] if splits is not None else _inputs(compiled)
     x = x if compiled.program.input.kind == "tokens" else x.astype(np.float32)      # token ids stay int64
     return Case(name, compiled, x)
@@ -137,14 +120,9 @@ def example_case(name: str, opset: int = DEFAULT_OPSET) -> Case:
 def layer_case(kind: str, opset: int = DEFAULT_OPSET) -> Case:
     text = LAYER_PROGRAMS[kind].replace("{name}", kind)
     program = dsl.load(text, f"{kind}.dln")
-    try:
-        tokens = program.input.kind == "tokens"
-        compiled = compile_program(program, source_hash=source_hash(program), opset=opset,
-                                   vocab=VOCAB if tokens else (), steps=STEPS if tokens else None)
-    except DlnError as exc:
-        if _not_yet(exc):
-            pytest.skip(f"{kind}: {exc.message}")
-        raise
+    tokens = program.input.kind == "tokens"
+    compiled = compile_program(program, source_hash=source_hash(program), opset=opset,
+                               vocab=VOCAB if tokens else (), steps=STEPS if tokens else None)
     return Case(kind, compiled, _inputs(compiled))
 
 

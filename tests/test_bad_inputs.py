@@ -6,7 +6,6 @@ the whole working folder is the same, byte for byte, before and after.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

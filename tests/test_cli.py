@@ -12,7 +12,6 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from conftest import EXAMPLES, with_epochs
 
 TINY = """model tiny
 data { source "iris"; split train=0.6 dev=0.2 test=0.2; normalize }
@@ -166,19 +165,6 @@ def test_a_user_error_never_shows_a_traceback(tmp_path, dlnc):
     assert result.code == 2
     assert "m.dln:5:" in result.err and "did you mean 'tanh'" in result.err and "Traceback" not in result.err
     assert "^" in result.err
-
-
-def test_features_of_later_issues_check_but_do_not_compile(tmp_path, dlnc):
-    from compiler.lower import NOT_YET
-    from dsl import ast
-    if ast.Pretrained not in NOT_YET:           # embed came with the sequence models; pretrained is the last one
-        pytest.skip("every layer kind compiles in this version")
-    text = (EXAMPLES / "digits_deep.dln").read_text().replace("dense hidden relu", 'pretrained "trunk.onnx"')
-    path = write(tmp_path, text.replace("float[64]", "float[1, 8, 8]"))
-    assert dlnc("check", path).code == 0
-    result = dlnc("compile", path, "-o", tmp_path / "out")
-    assert result.code == 2 and "not available yet" in result.err and ":10:3:" in result.err
-    assert not (tmp_path / "out").exists()
 
 
 def test_installed_console_script_finds_its_grammar_from_any_folder(tmp_path):

@@ -7,7 +7,6 @@ W[j] is zero exactly where unit j was dropped.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 import dsl

@@ -8,7 +8,7 @@ import re
 import pytest
 
 import dsl
-from compiler.program import check_program
+from compiler.program import compile_program
 from dsl import DlnError, ast
 from dsl.syntax import grammar_text
 
@@ -301,6 +301,6 @@ def test_fmt_keeps_the_error(path):
     messages = []
     for source in (text, formatted):
         with pytest.raises(DlnError) as e:
-            check_program(dsl.load(source, overrides=overrides or None))
+            compile_program(dsl.load(source, overrides=overrides or None))
         messages.append(re.sub(r"line \d+", "line N", e.value.message))
     assert messages[0] == messages[1]

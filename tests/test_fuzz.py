@@ -31,13 +31,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import HealthCheck, assume, given, note, seed, settings
+from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 from lark import Lark
 
 import dsl
-from compiler.program import check_program, compile_program
+from compiler.program import compile_program
 from dsl import DlnError
 from dsl.build import TOP_LEVEL
 from dsl.data import BUILTINS, DATA_STATEMENTS
@@ -89,7 +89,7 @@ def outcome(text: str, compile_too: bool = True) -> str:
     _fmt_agrees(text, program)
     if compile_too:
         try:
-            check_program(program)
+            compile_program(program)
         except DlnError as error:
             assert error.span is not None, error.render()
             return "error"
@@ -462,7 +462,7 @@ def test_the_valid_strategy_draws_image_layers_once_they_compile():
 ])
 def test_crashes_found_by_fuzzing_are_located_errors(text, message):
     with pytest.raises(DlnError, match=re.escape(message)) as caught:
-        check_program(dsl.load(text, PATH))
+        compile_program(dsl.load(text, PATH))
     located(caught.value)
 
 

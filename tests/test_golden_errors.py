@@ -15,14 +15,14 @@ from typing import Mapping
 import pytest
 
 import dsl
-from compiler.program import check_program
+from compiler.program import compile_program
 from dsl import DlnError
 
 
 def check_text(text: str, path: str, overrides: Mapping[str, str] | None = None):
     """Everything `dlnc check` does to a program; raises `DlnError` on the first problem."""
     program = dsl.load(text, path=path, overrides=overrides)
-    check_program(program)
+    compile_program(program)
     return program
 
 

@@ -21,7 +21,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from compiler.emit import DEFAULT_OPSET, MIN_OPSET, newest_opset
-from model_cases import ALL_CASES, EXAMPLE_NAMES, LAYER_PROGRAMS, case, randomized, train_feeds
+from model_cases import ALL_CASES, case, randomized, train_feeds
 
 from conftest import EXAMPLES
 

@@ -116,7 +116,8 @@ def test_sample_is_seeded_starts_with_the_prefix_and_stops(tiny_lm, dlnc):
 def test_unigram_perplexity_by_hand():
     train, dev = np.array([[0, 1, 1, 2]]), np.array([[1, 2]])
     p = (np.bincount(train.ravel(), minlength=4) + 1) / (4 + 4)           # add-one: 1/8, 3/8, 2/8, 1/8
-    assert unigram_perplexity(train, dev, 4) == pytest.approx(math.exp(-(math.log(3 / 8) + math.log(2 / 8)) / 2))
+    assert unigram_perplexity(train, dev, 4) == pytest.approx(math.exp(-(math.log(p[1]) + math.log(p[2])) / 2))
+    assert p[1] == 3 / 8 and p[2] == 2 / 8
 
 
 def test_shuffled_words_keep_punctuation_and_change_the_order():

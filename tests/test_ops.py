@@ -8,7 +8,6 @@ direction v. The same graph then runs in ONNX Runtime (float64) and must agree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx

@@ -14,19 +14,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import protocol  # noqa: E402
-from protocol import NotAvailable  # noqa: E402
 
 STATE: dict = {}
 
 
 def compile_model(path: str, batch: int):
     import dsl
-    from compiler.lower import unavailable_feature
     from runtime.cli import compile_with_data, load_data
     program = dsl.load_file(path, overrides={"batch": str(batch)})
-    missing = unavailable_feature(program)
-    if missing is not None:
-        raise NotAvailable(missing[0])
     splits = load_data(program) if program.data is not None else None
     return compile_with_data(program, splits)
 

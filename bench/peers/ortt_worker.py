@@ -46,7 +46,7 @@ def setup(request):
     from onnxruntime.training import artifacts
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
     if request["model"] != "mlp":
-        raise NotAvailable(f"the onnxruntime-training peer runs the MLP only")
+        raise NotAvailable("the onnxruntime-training peer runs the MLP only")
     threads, batch = int(request["threads"]), int(request["batch"])
     model, names = forward_model(request["arch"])
     folder = tempfile.mkdtemp(prefix="ortt-")
