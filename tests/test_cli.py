@@ -187,3 +187,15 @@ def test_cuda_without_the_cuda_provider_is_a_clear_error(tmp_path, dlnc):
     result = dlnc("run", write(tmp_path, TINY), "-o", tmp_path / "run", "--device", "cuda")
     assert result.code == 2 and "onnxruntime-gpu" in result.err
     assert not (tmp_path / "run").exists()
+
+
+REFERENCE_EXAMPLES = ["cancer_logistic", "moons_shallow", "digits_deep", "digits_cnn", "digits_transfer",
+                      "names_lm", "cats_mismatch"]
+
+
+@pytest.mark.parametrize("name", REFERENCE_EXAMPLES)
+def test_every_example_of_the_language_reference_passes_check(name, dlnc):
+    golden = Path(__file__).parent / "golden" / "programs" / f"{name}.dln"
+    result = dlnc("check", golden)
+    assert result.code == 0, result.err
+    assert "ok" in result.out
