@@ -39,7 +39,7 @@ CONFIGS = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("lenet5", 64), ("gru_char",
 PEERS = ("dlnc", "torch", "jax", "ortt")
 PEER_TITLES = {"dlnc": "dlnc", "torch": "torch", "jax": "jax", "ortt": "ort-train"}
 VENVS = {"jax": "BENCH_JAX_PYTHON", "ortt": "BENCH_ORTT_PYTHON"}   # or $BENCH_VENVS/<peer>/bin/python
-PEER_MODELS = {"ortt": {"mlp"}}                 # the models a peer implements (default: all)
+PEER_MODELS: dict[str, set[str]] = {}          # the models a peer implements (default: all)
 INFER_BATCHES = (1, 32, 128, 512)
 QUIET = 0.1          # cores: a timed round during which other processes used less is "quiet"
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;"
@@ -364,6 +364,13 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
                              f"{'met' if ratio >= 1.5 else 'NOT met'}")
             else:
                 lines.append(f"  {c.model} {c.batch}: ≥ 1.5× torch eager: {d.reason or 'no result'}")
+        o = c.peers.get("ortt")
+        if c.model == "lenet5" and d is not None and o is not None:     # issue 3: ≥ 1.0× onnxruntime-training
+            if d.steps_per_s and o.steps_per_s:
+                ratio = d.steps_per_s / o.steps_per_s
+                lines.append(f"  {c.model} {c.batch}: ≥ 1.0× ort-train: {ratio:.2f}× {'met' if ratio >= 1.0 else 'NOT met'}")
+            else:
+                lines.append(f"  {c.model} {c.batch}: ≥ 1.0× ort-train: {d.reason or o.reason or 'no result'}")
     if compile_rows:
         worst = max((s for _, s, _ in compile_rows if s is not None), default=None)
         if worst is not None:
