@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dsl.errors import DlnError
 
 from . import __version__
-from .ir import Graph, Node, Value
+from .ir import Graph, Node, Value, registrar
 
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE,
                "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
@@ -89,12 +89,7 @@ class EmitContext:
 EMIT_RULES: dict[str, Callable[[EmitContext, Node], None]] = {}
 
 
-def emit(*ops: str):
-    def register(fn):
-        for op in ops:
-            EMIT_RULES[op] = fn
-        return fn
-    return register
+emit = registrar(EMIT_RULES)
 
 
 def _names(node: Node) -> list[str]:

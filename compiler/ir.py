@@ -142,6 +142,17 @@ class Graph:
         return {n.output.name: n for n in self.nodes}
 
 
+def registrar(table: dict) -> Callable[..., Callable]:
+    """A decorator factory that files a rule under each name it is given: `@rule("add", "sub")`."""
+    def register_for(*names: str) -> Callable:
+        def register(fn):
+            for name in names:
+                table[name] = fn
+            return fn
+        return register
+    return register_for
+
+
 ShapeRule = Callable[[tuple[Value, ...], Mapping[str, Any]], tuple[str, Shape]]
 
 

@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from dsl import ast
 from dsl.errors import DlnError
 
-from .ir import Value
+from .ir import Value, registrar
 from .lower import LOWER_RULES, LayerInfo, LowerContext, describe, error
 from .shapes import ShapeError, same_padding
 
@@ -402,12 +402,7 @@ ImportRule = Callable[[Importer, onnx.NodeProto, dict], Value]
 IMPORT_RULES: dict[str, ImportRule] = {}
 
 
-def imports(*op_types: str):
-    def register(fn):
-        for op_type in op_types:
-            IMPORT_RULES[op_type] = fn
-        return fn
-    return register
+imports = registrar(IMPORT_RULES)
 
 
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",

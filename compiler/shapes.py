@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .ir import Shape, Value
+from .ir import Shape, Value, registrar
 
 SHAPE_RULES: dict[str, Callable[[tuple[Value, ...], Mapping[str, Any]], tuple[str, Shape]]] = {}
 
@@ -18,12 +18,7 @@ class ShapeError(ValueError):
     """Inputs whose shapes an op cannot take."""
 
 
-def rule(*ops: str):
-    def register(fn):
-        for op in ops:
-            SHAPE_RULES[op] = fn
-        return fn
-    return register
+rule = registrar(SHAPE_RULES)
 
 
 def broadcast(a: Shape, b: Shape) -> Shape:

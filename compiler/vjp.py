@@ -10,18 +10,13 @@ from typing import Callable
 
 import numpy as np
 
-from .ir import NON_DIFFERENTIABLE, Builder, Node, Value
+from .ir import NON_DIFFERENTIABLE, Builder, Node, Value, registrar
 from .shapes import unread
 
 VJP_RULES: dict[str, Callable[[Builder, Value, Node], tuple[Value | None, ...]]] = {}
 
 
-def vjp(*ops: str):
-    def register(fn):
-        for op in ops:
-            VJP_RULES[op] = fn
-        return fn
-    return register
+vjp = registrar(VJP_RULES)
 
 
 def unbroadcast(b: Builder, g: Value, target: Value) -> Value:

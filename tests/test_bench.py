@@ -38,3 +38,22 @@ def test_quick_benchmark_prints_the_table(tmp_path):
     assert first["model"] == "mlp" and first["peers"]["dlnc"]["steps_per_s"] > 0
     assert results["peak_gflops"] > 0
     assert all(row["seconds"] is None or row["seconds"] > 0 for row in results["compile"])
+
+
+def test_ortt_peer_trains_lenet5_and_the_gru_when_installed(tmp_path):
+    """onnxruntime-training (its own venv) exports LeNet-5 and the character GRU from torch and
+    trains them; skipped where bench/setup_peers.sh has not been run."""
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if bench.peer_python("ortt") is None:
+        pytest.skip("onnxruntime-training venv not installed (bench/setup_peers.sh)")
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--peers", "dlnc,ortt",
+                             "--models", "lenet5,gru_char", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    configs = {c["model"]: c for c in json.loads(out.read_text())["configs"]}
+    for model in ("lenet5", "gru_char"):
+        ortt = configs[model]["peers"]["ortt"]
+        assert ortt["steps_per_s"] and ortt["steps_per_s"] > 0, ortt["reason"]

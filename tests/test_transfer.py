@@ -217,8 +217,11 @@ def test_a_file_that_is_not_onnx_is_a_clear_error(tmp_path, dlnc):
     (tmp_path / "notes.onnx").write_text("these are my notes, not a model\n" * 20)
     result = dlnc("check", write(tmp_path, transfer('pretrained "notes.onnx"')))
     assert result.code == 2 and "is not an ONNX model" in result.err and "Traceback" not in result.err
-    result = dlnc("check", write(tmp_path, transfer('pretrained "missing.onnx"')))
-    assert result.code == 2 and "no such ONNX file" in result.err
+    missing = write(tmp_path, transfer('pretrained "missing.onnx"'))
+    result = dlnc("compile", missing, "-o", tmp_path / "out")
+    assert result.code == 2 and "no such ONNX file" in result.err and not (tmp_path / "out").exists()
+    checked = dlnc("check", missing)                 # a trunk not trained yet: the language still checks
+    assert checked.code == 0 and "missing.onnx" in checked.out
 
 
 def test_the_onnx_checker_runs_before_use(tmp_path, dlnc):
