@@ -1,12 +1,14 @@
 """The benchmark harness runs end to end in its --quick mode (a smoke test: no timing is asserted).
 
-Only dlnc and PyTorch eager run here; JAX and onnxruntime-training live in their own virtual
-environments (bench/setup_peers.sh) and are left out of CI.
+Only dlnc and PyTorch eager run everywhere; JAX and onnxruntime-training live in their own virtual
+environments (bench/setup_peers.sh) and are left out of CI. The onnxruntime-training smoke test
+runs where that venv exists and is an expected failure elsewhere.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,16 +44,14 @@ def test_quick_benchmark_prints_the_table(tmp_path):
 
 def test_ortt_peer_trains_lenet5_and_the_gru_when_installed(tmp_path):
     """onnxruntime-training (its own venv) exports LeNet-5 and the character GRU from torch and
-    trains them; skipped where bench/setup_peers.sh has not been run."""
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    if bench.peer_python("ortt") is None:
-        pytest.skip("onnxruntime-training venv not installed (bench/setup_peers.sh)")
+    trains them; an expected failure where bench/setup_peers.sh has not been run."""
+    venvs = Path(os.environ.get("BENCH_VENVS", "/work/venvs"))
+    if not Path(os.environ.get("BENCH_ORTT_PYTHON", venvs / "ortt" / "bin" / "python")).is_file():   # as run.py looks
+        pytest.xfail("onnxruntime-training venv not installed: run bench/setup_peers.sh")
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--peers", "dlnc,ortt",
                              "--models", "lenet5,gru_char", "--json", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+                            check=False, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     configs = {c["model"]: c for c in json.loads(out.read_text())["configs"]}
     for model in ("lenet5", "gru_char"):
