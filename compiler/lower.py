@@ -85,6 +85,7 @@ class LowerContext:
     pre_activation: dict[str, Value] = field(default_factory=dict)
     vocab: int = 0                    # token programs: the vocabulary size the data defines (`vocab`)
     steps: int | None = None          # token programs: the training window T
+    recurrent: str = "op"             # the exported model's recurrent layers: one ONNX op, or "unrolled" over T
 
     def param(self, layer: ast.Layer, role: str, init: np.ndarray, regularized: bool) -> Value:
         name = f"{layer.name}.{role}"

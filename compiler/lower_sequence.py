@@ -9,7 +9,10 @@ Layouts are batch-first. A `tokens` input is (N, T) int64 ids; `embed D` and `on
 keeps the last step; `dense` on a sequence runs at every step (fold (N, T, F) to (N·T, F), one
 Gemm, unfold). T is the training window in the training graph, where each recurrent layer is
 unrolled into plain ops (`compiler.cells`: backpropagation through time), and the symbol "T" in
-the exported model, where it is one ONNX RNN, GRU or LSTM op that takes any length.
+the exported model, where it is one ONNX RNN, GRU or LSTM op that takes any length — unless the
+model is exported with `--recurrent unrolled` (`ctx.recurrent`): then it is unrolled as in training,
+over the same static T, into plain ops that every tool runs (no RNN/GRU/LSTM op; the input length
+is fixed at T).
 
 Parameters, in the layouts of the ONNX ops so the exported model reads the trained tensors as they are:
     embed_1.E  (V, D)         N(0, 1), as torch.nn.Embedding; not regularised
@@ -63,6 +66,12 @@ def check_token_input(program: ast.Program) -> None:
                     first.span, program)
 
 
+def unrolled(ctx: LowerContext) -> bool:
+    """Whether recurrent layers become plain ops over a static T: in training, and in a model
+    exported with `--recurrent unrolled`."""
+    return ctx.training or ctx.recurrent == "unrolled"
+
+
 def _steps(ctx: LowerContext, a: Value) -> int:
     """T for FLOP counts: the static length, else the training window."""
     return a.shape[1] if isinstance(a.shape[1], int) else (ctx.steps or 1)
@@ -111,7 +120,8 @@ def lower_one_hot(ctx: LowerContext, layer: ast.OneHot, a: Value) -> Value:
 
 
 def lower_recurrent(ctx: LowerContext, layer: ast.Recurrent, a: Value) -> Value:
-    """rnn / gru / lstm over the sequence: unrolled in training, one ONNX op in the exported model."""
+    """rnn / gru / lstm over the sequence: unrolled in training (and in a model exported with
+    `--recurrent unrolled`), otherwise one ONNX op in the exported model."""
     cell = layer.cell
     _sequence(ctx, layer, a, cell)
     features, hidden, gates = int(a.shape[2]), layer.units, GATES[cell]
@@ -119,8 +129,9 @@ def lower_recurrent(ctx: LowerContext, layer: ast.Recurrent, a: Value) -> Value:
     w = ctx.param(layer, "W", init_weights(ctx.rng, (1, gates * hidden, features), features, activation), True)
     r = ctx.param(layer, "R", init_weights(ctx.rng, (1, gates * hidden, hidden), hidden, activation), True)
     bias = ctx.param(layer, "B", np.zeros((1, 2 * gates * hidden)), False)
-    if ctx.training:
-        out = unroll(ctx.b, cell, a, w, r, bias, activation=activation, last=layer.last, name=layer.name)
+    if unrolled(ctx):
+        out = unroll(ctx.b, cell, a, w, r, bias, activation=activation, last=layer.last, name=layer.name,
+                     plain=not ctx.training)
     else:
         out = ctx.b.op(f"{cell}_seq", a, w, r, bias, hidden=hidden, last=layer.last, activation=activation,
                        name=layer.name)

@@ -4,6 +4,11 @@
 seed (inference, training), builds the training step around the training forward pass,
 simplifies both graphs, emits them, and checks them with the ONNX checker and strict shape
 inference.
+
+Recurrent layers are exported as one ONNX RNN/GRU/LSTM op each (`recurrent="op"`, any length T),
+or, with `recurrent="unrolled"` (`dlnc compile --recurrent unrolled`), unrolled over the training
+window T into the plain ops of the training graph (`compiler.cells`), for tools that lack those
+ops or their options; the input is then (N, T) with T static, recorded in the metadata.
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from .autodiff import grad
 from .emit import DEFAULT_OPSET, resolve_target, to_onnx
 from .ir import Builder, Graph, Value
 from .lower import LayerInfo, LowerContext, Normalization, ParamSpec, error, lower_network
-from .lower_sequence import check_token_input, sequence_loss, token_sizes
+from .lower_sequence import check_token_input, sequence_loss, token_sizes, unrolled
 from .simplify import simplify
 from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, clip_by_global_norm, data_loss, decayed_lr, \
     regularization
+
+RECURRENT_LOWERINGS = ("op", "unrolled")      # `dlnc compile --recurrent`: one ONNX op per layer, or plain ops
+
 
 @dataclass(frozen=True)
 class StateSpec:
@@ -77,15 +85,21 @@ def _check_freeze(program: ast.Program) -> tuple[str, ...]:
 
 
 def _new_context(program: ast.Program, training: bool, dtype: str, vocab: int = 0,
-                 steps: int | None = None) -> LowerContext:
+                 steps: int | None = None, recurrent: str = "op") -> LowerContext:
     return LowerContext(Builder(dtype), program, training, np.random.default_rng(program.train.seed),
-                        vocab=vocab, steps=steps)
+                        vocab=vocab, steps=steps, recurrent=recurrent)
+
+
+def has_recurrent(program: ast.Program) -> bool:
+    """Whether the program has an rnn, gru or lstm layer (what `--recurrent` lowers)."""
+    return any(isinstance(layer, ast.Recurrent) for layer in program.layers)
 
 
 def _input_shape(program: ast.Program, ctx: LowerContext) -> tuple:
-    """Batch-first; token ids are (N, T) with T the window in training and any length ("T") in the model."""
+    """Batch-first; token ids are (N, T) with T the window in training and in a model whose recurrent
+    layers are unrolled, and any length ("T") in the model otherwise."""
     if program.input.kind == "tokens":
-        return ("N", ctx.steps if ctx.training else "T")
+        return ("N", ctx.steps if unrolled(ctx) and (ctx.training or has_recurrent(program)) else "T")
     return ("N", *program.input.shape)
 
 
@@ -111,10 +125,20 @@ def token_metadata(program: ast.Program, vocab: tuple[str, ...], steps: int | No
             "dlnc.sequence_length": str(steps or "")}
 
 
+def recurrent_metadata(program: ast.Program, recurrent: str, steps: int | None) -> dict[str, str]:
+    """A model whose recurrent layers are unrolled: the lowering and the fixed input length T
+    (the token window, or the T of a `float[T, F]` input); nothing for the default, one op per layer."""
+    if recurrent != "unrolled" or not has_recurrent(program):
+        return {}
+    length = steps if program.input.kind == "tokens" else program.input.shape[0]
+    return {"dlnc.recurrent": "unrolled", "dlnc.sequence_length": str(length)}
+
+
 def build_inference(program: ast.Program, normalization: Normalization | None, dtype: str = "float32",
-                    vocab: int = 0, steps: int | None = None):
-    """The exported model: raw input in, probabilities (or values) out, weights as initializers."""
-    ctx = _new_context(program, training=False, dtype=dtype, vocab=vocab, steps=steps)
+                    vocab: int = 0, steps: int | None = None, recurrent: str = "op"):
+    """The exported model: raw input in, probabilities (or values) out, weights as initializers;
+    recurrent layers as one ONNX op each, or `recurrent="unrolled"` over `steps`."""
+    ctx = _new_context(program, training=False, dtype=dtype, vocab=vocab, steps=steps, recurrent=recurrent)
     x = _input(ctx)
     a = lower_network(ctx, x, normalization)
     name = program.output.name
@@ -223,22 +247,29 @@ def check(model: onnx.ModelProto) -> onnx.ModelProto:
 def compile_program(program: ast.Program, normalization: Normalization | None = None,
                     classes: tuple[str, ...] = (), source_hash: str | None = None,
                     opset: int = DEFAULT_OPSET, ir_version: int | None = None,
-                    vocab: tuple[str, ...] = (), steps: int | None = None) -> Compiled:
+                    vocab: tuple[str, ...] = (), steps: int | None = None, recurrent: str = "op") -> Compiled:
     """Both models at `opset`; `ir_version` None is 8 or the oldest that carries `opset`.
 
     Token programs take the data's vocabulary (its size is `vocab`) and training window T
-    (`steps`); without them, the sizes the data block declares (or placeholders, for checks)."""
+    (`steps`); without them, the sizes the data block declares (or placeholders, for checks).
+    `recurrent` ("op" or "unrolled") lowers the recurrent layers of the exported model only: the
+    evaluation graph the runtime scores with keeps one op per layer (any length)."""
+    if recurrent not in RECURRENT_LOWERINGS:
+        raise ValueError(f"recurrent={recurrent!r}: give one of {', '.join(RECURRENT_LOWERINGS)}")
     opset, ir_version = resolve_target(opset, ir_version)
     vocab_size, steps = token_sizes(program, len(vocab), steps)
     sizes = {"vocab": vocab_size, "steps": steps}
     infer_ctx, infer_graph, eval_graph = build_inference(program, normalization, **sizes)
+    if recurrent != "op" and has_recurrent(program):
+        infer_ctx, infer_graph, _ = build_inference(program, normalization, **sizes, recurrent=recurrent)
     initial = {p.name: p.init for p in infer_ctx.params} | {buf.name: buf.init for buf in infer_ctx.buffers}
     meta = metadata(program, classes, source_hash)
     if vocab_size:
         meta |= token_metadata(program, vocab or tuple(str(i) for i in range(vocab_size)), steps)
     infer_graph = simplify(infer_graph)
     model = check(to_onnx(infer_graph, initializers=initial, opset=opset, ir_version=ir_version,
-                          metadata=meta, doc=f"dlnc inference model for {program.name}"))
+                          metadata=meta | recurrent_metadata(program, recurrent, steps),
+                          doc=f"dlnc inference model for {program.name}"))
     evaluation = to_onnx(simplify(eval_graph), opset=opset, ir_version=ir_version)
     train_ctx, train_graph, spec = build_train_step(program, normalization, **sizes)
     train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,

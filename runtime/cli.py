@@ -22,7 +22,7 @@ import dsl
 from compiler import __version__
 from compiler.emit import DEFAULT_OPSET, MIN_OPSET, newest_opset, resolve_target
 from compiler.lower import Normalization
-from compiler.program import Compiled, compile_program
+from compiler.program import RECURRENT_LOWERINGS, Compiled, compile_program
 from dsl import ast
 from dsl.errors import DlnError
 
@@ -66,7 +66,7 @@ def load_data(program: ast.Program) -> Splits:
 
 
 def compile_with_data(program: ast.Program, splits: Splits | None, opset: int = DEFAULT_OPSET,
-                      ir_version: int | None = None) -> Compiled:
+                      ir_version: int | None = None, recurrent: str = "op") -> Compiled:
     norm = None
     if splits is not None and program.data is not None and program.data.normalize:
         stats = normalization(splits.train.x)
@@ -75,7 +75,7 @@ def compile_with_data(program: ast.Program, splits: Splits | None, opset: int = 
     tokens = splits is not None and program.input.kind == "tokens"       # vocabulary and window from the data
     return compile_program(program, norm, classes=tuple(classes), source_hash=source_hash(program),
                            opset=opset, ir_version=ir_version, vocab=splits.vocab if splits is not None else (),
-                           steps=int(splits.train.x.shape[1]) if tokens else None)
+                           steps=int(splits.train.x.shape[1]) if tokens else None, recurrent=recurrent)
 
 
 # ---------------------------------------------------------------- commands
@@ -128,7 +128,7 @@ def cmd_compile(args) -> int:
     except DlnError as exc:
         raise DlnError(exc.message, path="dlnc compile") from None
     splits = load_data(program) if program.data is not None else None
-    compiled = compile_with_data(program, splits, args.opset, args.ir_version)
+    compiled = compile_with_data(program, splits, args.opset, args.ir_version, args.recurrent)
     out = Path(args.output)
     write_atomic(out / "model.onnx", compiled.model.SerializeToString())
     write_atomic(out / "train_step.onnx", compiled.train_step.SerializeToString())
@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset, {MIN_OPSET} to {newest_opset()} (default {DEFAULT_OPSET})")
     p.add_argument("--ir-version", type=int, default=None,
                    help="ONNX IR version (default: 8, or the oldest that carries the opset)")
+    p.add_argument("--recurrent", choices=RECURRENT_LOWERINGS, default="op",
+                   help="recurrent layers in model.onnx: one ONNX RNN/GRU/LSTM op each, any length (op, the "
+                        "default), or unrolled into plain ops over the training window, fixed length, for tools "
+                        "without those ops (unrolled)")
     p.add_argument("--svg", action="store_true", help="also write model.svg, a drawing of the layer graph")
     p = with_set(command("run", cmd_run, "train, evaluate and export"))
     p.add_argument("-o", "--output", help="run folder (default runs/<model>-<time>/)")

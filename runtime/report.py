@@ -154,6 +154,10 @@ def model_info(model: onnx.ModelProto, path: str) -> str:
     lines.append("inputs:")
     lines += [f"  {i.name}: {_value_type(i)}" for i in model.graph.input if i.name not in initializers]
     lines += ["outputs:"] + [f"  {o.name}: {_value_type(o)}" for o in model.graph.output]
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("dlnc.recurrent") == "unrolled":
+        lines.append(f"recurrent layers: unrolled over {meta.get('dlnc.sequence_length', '?')} steps "
+                     f"(plain ops, no RNN/GRU/LSTM op); the input length is fixed")
     if model.metadata_props:
         lines += ["metadata:"] + [f"  {p.key}: {p.value}" for p in model.metadata_props]
     return "\n".join(lines)
