@@ -30,13 +30,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
-from torch import nn
-from torch.nn import functional as F
 
 import dsl
 from compiler.program import compile_program
 from dsl import ast
 from runtime.session import StepRunner
+from torch_reference import TorchNet, assert_within, parity_differences, torch_optimizer
 
 TOLERANCE = {"sgd": 1e-4, "momentum": 1e-4, "rmsprop": 1e-3, "adam": 1e-3}
 STEPS = 30
@@ -138,127 +137,13 @@ def batch_schedule(steps: int, seed: int = 1):
     return schedule[:steps]
 
 
-# ---------------------------------------------------------------- the torch network
-def torch_activation(act: ast.Activation) -> nn.Module:
-    if act.kind == "leaky_relu":
-        return nn.LeakyReLU(act.alpha)
-    return {"linear": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}[act.kind]()
-
-
-def torch_padding(layer: ast.Conv, h: int, w: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) as F.pad takes them. `same` follows TensorFlow: output ⌈n/s⌉,
-    the total padding max((⌈n/s⌉ − 1)·s + k − n, 0) split with the odd pixel at the end."""
-    if layer.padding != "same":
-        return (layer.padding,) * 4
-
-    def split(n):
-        total = max((-(-n // layer.stride) - 1) * layer.stride + layer.size - n, 0)
-        return total // 2, total - total // 2
-    (top, bottom), (left, right) = split(h), split(w)
-    return left, right, top, bottom
-
-
-class TorchConvNet:
-    """The program's layers as torch modules returning the last layer's logits, with `params`
-    keyed by the dlnc parameter names."""
-
-    def __init__(self, compiled, dtype: torch.dtype = REFERENCE_DTYPE):
-        self.dtype = dtype
-        init = {p.name: torch.tensor(p.init) for p in compiled.spec.params}
-        program = compiled.program
-        self.regularized = [p.name for p in compiled.spec.params if p.regularized]
-        self.output = program.output.kind
-        self.params: dict[str, nn.Parameter] = {}
-        self.batchnorms: dict[str, nn.Module] = {}
-        channels, h, w = program.input.shape
-        image, modules = True, []
-        for i, layer in enumerate(program.layers):
-            last = i == len(program.layers) - 1
-            if isinstance(layer, ast.Conv):
-                left, right, top, bottom = torch_padding(layer, h, w)
-                modules.append(nn.ZeroPad2d((left, right, top, bottom)))
-                conv = nn.Conv2d(channels, layer.filters, layer.size, stride=layer.stride)
-                self._bind(conv, layer.name, init, "W", "b")
-                modules += [conv, torch_activation(layer.activation)]
-                channels = layer.filters
-                h = (h + top + bottom - layer.size) // layer.stride + 1
-                w = (w + left + right - layer.size) // layer.stride + 1
-            elif isinstance(layer, ast.Pool):
-                pool = nn.MaxPool2d if layer.kind == "max" else nn.AvgPool2d
-                modules.append(pool(layer.size, stride=layer.stride))
-                h, w = (h - layer.size) // layer.stride + 1, (w - layer.size) // layer.stride + 1
-            elif isinstance(layer, ast.Flatten):
-                modules.append(nn.Flatten())
-                image = False
-            elif isinstance(layer, ast.BatchNorm):
-                features = init[f"{layer.name}.gamma"].shape[0]
-                norm = (nn.BatchNorm2d if image else nn.BatchNorm1d)(features, momentum=1.0 - layer.momentum,
-                                                                   eps=layer.eps)
-                self._bind(norm, layer.name, init, "gamma", "beta")
-                self.batchnorms[layer.name] = norm
-                modules.append(norm)
-            elif isinstance(layer, ast.Dense):
-                weight = init[f"{layer.name}.W"]
-                dense = nn.Linear(weight.shape[1], weight.shape[0])
-                self._bind(dense, layer.name, init, "W", "b")
-                modules.append(dense)
-                if not last:
-                    modules.append(torch_activation(layer.activation))
-            else:
-                raise NotImplementedError(type(layer).__name__)
-        self.model = nn.Sequential(*modules).to(dtype).train()     # .to keeps the Parameter objects
-
-    def _bind(self, module: nn.Module, layer: str, init, weight: str, bias: str) -> None:
-        with torch.no_grad():
-            module.weight.copy_(init[f"{layer}.{weight}"])
-            module.bias.copy_(init[f"{layer}.{bias}"])
-        self.params[f"{layer}.{weight}"], self.params[f"{layer}.{bias}"] = module.weight, module.bias
-
-    def cost(self, x: np.ndarray, y: np.ndarray, lam: float) -> torch.Tensor:
-        z = self.model(torch.from_numpy(x).to(self.dtype))
-        y = torch.from_numpy(y)
-        loss = (F.binary_cross_entropy_with_logits(z.squeeze(1), y.to(self.dtype)) if self.output == "binary"
-                else F.cross_entropy(z, y))
-        if lam:
-            loss = loss + lam / (2 * x.shape[0]) * sum((self.params[n] ** 2).sum() for n in self.regularized)
-        return loss
-
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            z = self.model.eval()(torch.from_numpy(x).to(self.dtype))
-        self.model.train()
-        return (torch.sigmoid(z.squeeze(1)) if self.output == "binary" else torch.softmax(z, dim=1)).numpy()
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {name: p.detach().numpy().copy() for name, p in self.params.items()}
-        for name, norm in self.batchnorms.items():
-            out[f"{name}.running_mean"] = norm.running_mean.numpy().copy()
-            out[f"{name}.running_var"] = norm.running_var.numpy().copy()
-        return out
-
-
-def torch_optimizer(opt: ast.Optimizer, params) -> torch.optim.Optimizer:
-    if opt.kind == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr)
-    if opt.kind == "momentum":   # torch's buffer is dlnc's v / (1 − β)
-        return torch.optim.SGD(params, lr=opt.lr * (1 - opt.beta), momentum=opt.beta)
-    if opt.kind == "rmsprop":
-        return torch.optim.RMSprop(params, lr=opt.lr, alpha=opt.beta2, eps=opt.eps)
-    return torch.optim.Adam(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-
-
-def relative(a: np.ndarray, b: np.ndarray) -> float:
-    """max|a − b| / max|b| (the absolute difference when b is all zeros)."""
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
-
-
 # ---------------------------------------------------------------- training parity
 def train_both(text: str, steps: int = STEPS):
     compiled = compile_program(dsl.load(text))
     program, spec = compiled.program, compiled.spec
     x, y = synthetic_images(program)
-    runner, net = StepRunner(compiled), TorchConvNet(compiled)
-    optimizer = torch_optimizer(program.train.optimizer, list(net.params.values()))
+    runner, net = StepRunner(compiled), TorchNet(compiled, REFERENCE_DTYPE)
+    optimizer, _ = torch_optimizer(program.train.optimizer, list(net.params.values()))
     reg = program.train.regularize
     lam = reg.lam if reg is not None else 0.0
     dlnc_losses, torch_losses = [], []
@@ -274,15 +159,10 @@ def train_both(text: str, steps: int = STEPS):
 
 def assert_parity(result, tolerance: float, label: str) -> None:
     dlnc_losses, torch_losses, dlnc_arrays, torch_arrays = result
-    assert np.all(np.isfinite(dlnc_losses)) and np.all(np.isfinite(torch_losses))
     assert torch_losses[-1] < torch_losses[0], "the run did not train; parity would test nothing"
-    diffs = {"loss": relative(dlnc_losses, torch_losses)}
-    for name, expected in torch_arrays.items():
-        assert dlnc_arrays[name].shape == expected.shape, name
-        diffs[name] = relative(dlnc_arrays[name], expected)
+    diffs = parity_differences(dlnc_losses, torch_losses, dlnc_arrays, torch_arrays)
     OBSERVED[label] = max(OBSERVED[label], *diffs.values())
-    bad = {k: f"{v:.2e}" for k, v in diffs.items() if not v <= tolerance}
-    assert not bad, f"relative differences above {tolerance:g}: {bad}"
+    assert_within(diffs, tolerance)
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
@@ -309,7 +189,7 @@ def test_exported_model_matches_torch_and_reference(name):
     compiled = compile_program(dsl.load(program_text(ODD[name], OPTIMIZERS["sgd"])))
     x, _ = synthetic_images(compiled.program)
     got = run_ort(compiled.model, {"x": x})[0]
-    want = TorchConvNet(compiled).probabilities(x)
+    want = TorchNet(compiled, REFERENCE_DTYPE).probabilities(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     reference = ReferenceEvaluator(compiled.model).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)

@@ -17,14 +17,13 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 import dsl
 from compiler.program import compile_program
 from dsl import ast
 from runtime.session import StepRunner
+from torch_reference import TorchNet, assert_within, parity_differences, relative, torch_optimizer
 
 # ---------------------------------------------------------------- tolerances and sizes
 TOLERANCE = {"sgd": 1e-4, "momentum": 1e-4, "rmsprop": 1e-3, "adam": 1e-3}
@@ -88,76 +87,6 @@ def batch_schedule(batch_size: int, steps: int, seed: int = 1):
     return schedule[:steps]
 
 
-# ---------------------------------------------------------------- the torch reference
-TORCH_ACTIVATIONS = {"linear": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
-
-
-def torch_activation(act: ast.Activation) -> nn.Module:
-    return nn.LeakyReLU(act.alpha) if act.kind == "leaky_relu" else TORCH_ACTIVATIONS[act.kind]()
-
-
-class TorchNet:
-    """The program's layers as torch modules returning the last layer's logits (the output
-    activation is fused into the loss), with `params` keyed by the dlnc parameter names."""
-
-    def __init__(self, compiled):
-        init = {p.name: torch.tensor(p.init) for p in compiled.spec.params}
-        self.regularized = [p.name for p in compiled.spec.params if p.regularized]
-        self.output = compiled.program.output.kind
-        self.params: dict[str, nn.Parameter] = {}
-        self.batchnorms: dict[str, nn.BatchNorm1d] = {}
-        layers, modules = compiled.program.layers, []
-        for i, layer in enumerate(layers):
-            if isinstance(layer, ast.Dense):
-                w = init[f"{layer.name}.W"]
-                module = nn.Linear(w.shape[1], w.shape[0])
-                self._bind(module, layer.name, init, weight="W", bias="b")
-                modules.append(module)
-                if i < len(layers) - 1:
-                    modules.append(torch_activation(layer.activation))
-            elif isinstance(layer, ast.BatchNorm):
-                gamma = init[f"{layer.name}.gamma"]
-                module = nn.BatchNorm1d(gamma.shape[0], momentum=1.0 - layer.momentum, eps=layer.eps)
-                self._bind(module, layer.name, init, weight="gamma", bias="beta")
-                self.batchnorms[layer.name] = module
-                modules.append(module)
-            else:
-                raise NotImplementedError(type(layer).__name__)
-        self.model = nn.Sequential(*modules).train()
-
-    def _bind(self, module: nn.Module, layer: str, init, weight: str, bias: str) -> None:
-        with torch.no_grad():
-            module.weight.copy_(init[f"{layer}.{weight}"])
-            module.bias.copy_(init[f"{layer}.{bias}"])
-        self.params[f"{layer}.{weight}"], self.params[f"{layer}.{bias}"] = module.weight, module.bias
-
-    def cost(self, x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
-        z = self.model(x)
-        loss = (F.binary_cross_entropy_with_logits(z.squeeze(1), y) if self.output == "binary"
-                else F.cross_entropy(z, y))
-        if lam:
-            loss = loss + lam / (2 * x.shape[0]) * sum((self.params[n] ** 2).sum() for n in self.regularized)
-        return loss
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {name: p.detach().numpy().copy() for name, p in self.params.items()}
-        for name, bn in self.batchnorms.items():
-            out[f"{name}.running_mean"] = bn.running_mean.numpy().copy()
-            out[f"{name}.running_var"] = bn.running_var.numpy().copy()
-        return out
-
-
-def torch_optimizer(opt: ast.Optimizer, params) -> tuple[torch.optim.Optimizer, float]:
-    """The torch optimiser for dlnc's and the factor from dlnc's α to torch's lr."""
-    if opt.kind == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr), 1.0
-    if opt.kind == "momentum":   # torch's buffer is dlnc's v / (1 − β)
-        return torch.optim.SGD(params, lr=opt.lr * (1 - opt.beta), momentum=opt.beta), 1 - opt.beta
-    if opt.kind == "rmsprop":
-        return torch.optim.RMSprop(params, lr=opt.lr, alpha=opt.beta2, eps=opt.eps), 1.0
-    return torch.optim.Adam(params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps), 1.0
-
-
 def decayed(train: ast.Train, epoch: int) -> float:
     lr, decay = train.optimizer.lr, train.lr_decay
     if decay is None:
@@ -188,7 +117,7 @@ def train_both(text: str, batch_size: int | None, steps: int = STEPS):
             group["lr"] = decayed(program.train, epoch) * lr_scale
         dlnc_losses.append(runner.step({spec.x: x[idx], spec.y: y[idx]}))
         optimizer.zero_grad()
-        loss = net.cost(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]), lam)
+        loss = net.cost(x[idx], y[idx], lam)
         loss.backward()
         if clip is not None:
             norms.append(float(nn.utils.clip_grad_norm_(list(net.params.values()), clip)))
@@ -197,21 +126,11 @@ def train_both(text: str, batch_size: int | None, steps: int = STEPS):
     return (np.array(dlnc_losses), np.array(torch_losses), runner.arrays(), net.arrays(), norms)
 
 
-def relative(a: np.ndarray, b: np.ndarray) -> float:
-    """max|a − b| / max|b| (the absolute difference when b is all zeros)."""
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
-
-
 def assert_parity(result, tolerance: float, label: str) -> None:
     dlnc_losses, torch_losses, dlnc_arrays, torch_arrays, _ = result
-    assert np.all(np.isfinite(dlnc_losses)) and np.all(np.isfinite(torch_losses))
-    diffs = {"loss": relative(dlnc_losses, torch_losses)}
-    for name, expected in torch_arrays.items():
-        assert dlnc_arrays[name].shape == expected.shape, name
-        diffs[name] = relative(dlnc_arrays[name], expected)
+    diffs = parity_differences(dlnc_losses, torch_losses, dlnc_arrays, torch_arrays)
     OBSERVED[label] = max(OBSERVED[label], *diffs.values())
-    bad = {k: f"{v:.2e}" for k, v in diffs.items() if not v <= tolerance}
-    assert not bad, f"relative differences above {tolerance:g}: {bad}"
+    assert_within(diffs, tolerance)
 
 
 def assert_trained(result) -> None:
