@@ -29,6 +29,13 @@ def dlnc(capsys):
     return run
 
 
+def write(folder: Path, text: str, name: str = "m.dln") -> Path:
+    """A program file `name` in `folder` holding `text`."""
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
 def with_epochs(text: str, epochs: int) -> str:
     """The program text with its `epochs` statement replaced (a short schedule for tests)."""
     return re.sub(r"\bepochs\s+\d+", f"epochs {epochs}", text)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, with_epochs
+from conftest import EXAMPLES, with_epochs, write
 from runtime import checkpoint, run
 from runtime.files import write_atomic
 
@@ -36,11 +36,6 @@ train {
 }
 """
 
-
-def write(folder: Path, text: str, name: str = "m.dln") -> Path:
-    path = folder / name
-    path.write_text(text)
-    return path
 
 
 def crash_after(monkeypatch, epoch: int) -> None:

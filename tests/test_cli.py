@@ -12,6 +12,8 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
+from conftest import write
+
 
 TINY = """model tiny
 data { source "iris"; split train=0.6 dev=0.2 test=0.2; normalize }
@@ -29,11 +31,6 @@ layers { dense 2 softmax }
 train { optimizer sgd lr=0.1; epochs 2 }
 """
 
-
-def write(tmp_path: Path, text: str, name: str = "m.dln") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def test_check_fmt_and_shapes(tmp_path, dlnc):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, write
 from runtime import checkpoint
 from runtime.analysis import analyse, analysis_text
 
@@ -24,11 +24,6 @@ layers { hidden: dense width tanh; dense 3 softmax }
 train { optimizer adam lr=0.05; batch_size 16; epochs 6; seed 3 }
 """
 
-
-def write(folder: Path, text: str, name: str = "m.dln") -> Path:
-    path = folder / name
-    path.write_text(text)
-    return path
 
 
 # ---------------------------------------------------------------- the run folder

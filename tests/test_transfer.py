@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import dsl
 from compiler.program import compile_program
 from conftest import EXAMPLES
+from conftest import write as write_program
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -28,6 +29,10 @@ layers { conv 4 size=3 padding=same relu; maxpool size=2; conv 6 size=3 padding=
 train { optimizer sgd lr=0.1; seed 7 }
 """
 
+
+
+def write(tmp_path: Path, text: str, name: str = "transfer.dln") -> Path:
+    return write_program(tmp_path, text, name)
 
 def transfer(layer: str, head: str = "dense 10 softmax", train: str = "optimizer adam lr=0.01; batch_size 32; epochs 2",
              data: str = 'source "digits"; split train=0.6 dev=0.2 test=0.2') -> str:
@@ -84,11 +89,6 @@ def run_with_output(model: onnx.ModelProto, tensor: str, x: np.ndarray) -> np.nd
 def arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
-
-def write(tmp_path: Path, text: str, name: str = "transfer.dln") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 # ---------------------------------------------------------------- dlnc's own exports
