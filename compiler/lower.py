@@ -41,8 +41,9 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class BufferSpec:
-    """Non-learned state that training updates (batchnorm's running statistics)."""
+class StateSpec:
+    """A tensor the training step updates that is not learned by gradient: batchnorm's running
+    statistics (made by lowering), optimiser slots and the step count (made by the training step)."""
 
     name: str
     init: np.ndarray
@@ -75,7 +76,7 @@ class LowerContext:
     rng: np.random.Generator
     params: list[ParamSpec] = field(default_factory=list)
     param_values: dict[str, Value] = field(default_factory=dict)
-    buffers: list[BufferSpec] = field(default_factory=list)
+    buffers: list[StateSpec] = field(default_factory=list)
     buffer_values: dict[str, Value] = field(default_factory=dict)
     buffer_updates: dict[str, Value] = field(default_factory=dict)
     hyper: dict[str, Value] = field(default_factory=dict)
@@ -97,7 +98,7 @@ class LowerContext:
 
     def buffer(self, layer: ast.Layer, role: str, init: np.ndarray) -> Value:
         name = f"{layer.name}.{role}"
-        self.buffers.append(BufferSpec(name, init.astype(self.b.dtype)))
+        self.buffers.append(StateSpec(name, init.astype(self.b.dtype)))
         value = self.b.input(name, init.shape)
         self.buffer_values[name] = value
         return value

@@ -25,21 +25,13 @@ from . import __version__
 from .autodiff import grad
 from .emit import DEFAULT_OPSET, resolve_target, to_onnx
 from .ir import Builder, Graph, Value
-from .lower import LayerInfo, LowerContext, Normalization, ParamSpec, error, lower_network
+from .lower import LayerInfo, LowerContext, Normalization, ParamSpec, StateSpec, error, lower_network
 from .lower_sequence import check_token_input, sequence_loss, token_sizes, unrolled
 from .simplify import simplify
 from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, clip_by_global_norm, data_loss, decayed_lr, \
     regularization
 
 RECURRENT_LOWERINGS = ("op", "unrolled")      # `dlnc compile --recurrent`: one ONNX op per layer, or plain ops
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """An input of the training step that the step updates: optimiser slots, the step count, buffers."""
-
-    name: str
-    init: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -196,7 +188,7 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
         updates[name] = new_w
         updates.update(new_slots)
     updates.update(ctx.buffer_updates)
-    state.extend(StateSpec(buf.name, buf.init) for buf in ctx.buffers)
+    state.extend(ctx.buffers)
 
     outputs = [cost] + [b.op("identity", v, name=f"new.{k}") if k != "step" else v for k, v in updates.items()]
     graph = output_in_place(simplify(b.graph(f"{program.name}_train_step", outputs)))
