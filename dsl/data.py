@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 from . import ast
 from .errors import DlnError, Span
 from .params import Params
-from .read import (Parts, at_most, block_keyword, choice, flag, integer, needed, no_block, parts,
+from .read import (Parts, at_most, choice, each_once, flag, integer, needed, no_block, parts,
                    real, show, single, string)
 from .syntax import Block, Index, Statement, String, Value, Word
 
@@ -120,16 +120,10 @@ DATA_STATEMENTS: Mapping[str, tuple[str, tuple[str, ...], Callable[[Parts], obje
 
 def build_data(block: Block, params: Params, span: Span) -> ast.Data:
     """`data { ... }`: each statement at most once; `source` required."""
-    fields: dict[str, object] = {}
-    spans: dict[str, Span] = {}
-    for stmt in block.statements:
-        keyword = block_keyword(stmt, DATA_STATEMENTS, "data")
-        field, options, build = DATA_STATEMENTS[keyword]
-        if field in fields:
-            raise DlnError(f"{keyword} is given twice in data (first at line {spans[field].line})",
-                           span=stmt.keyword.span)
-        fields[field] = build(parts(stmt, params, options))
-        spans[field] = stmt.span
+    def build(keyword: str, stmt: Statement):
+        _, options, make = DATA_STATEMENTS[keyword]
+        return make(parts(stmt, params, options))
+    fields, spans = each_once(block, DATA_STATEMENTS, "data", build)
     if "source" not in fields:
         raise DlnError('data needs a source, like source "digits"', span=span)
     return ast.Data(**fields, span=span, spans=spans)

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Mapping
 
 from .errors import DlnError, Span, did_you_mean
 from .params import Params, substitute, substitute_option
-from .syntax import Call, Index, List, Number, Option, Statement, String, Value, Word
+from .syntax import Block, Call, Index, List, Number, Option, Statement, String, Value, Word
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,22 @@ def flag(p: Parts, value: Value, choices: Iterable[str]) -> str:
     hint = did_you_mean(value.name, choices) if isinstance(value, Word) else ""
     raise DlnError(f"unexpected {show(value)} after {p.keyword}"
                    f"{hint or ' — it takes ' + _alternatives(choices) + ' here'}", span=value.span)
+
+
+def each_once(block: Block, table: Mapping, name: str, build) -> tuple[dict, dict]:
+    """The statements of a block whose statements may each stand once: field -> the value
+    `build(keyword, stmt)` makes, and field -> the statement's span. `table[keyword][0]` is the field."""
+    fields: dict[str, object] = {}
+    spans: dict[str, Span] = {}
+    for stmt in block.statements:
+        keyword = block_keyword(stmt, table, name)
+        field = table[keyword][0]
+        if field in fields:
+            raise DlnError(f"{keyword} is given twice in {name} (first at line {spans[field].line})",
+                           span=stmt.keyword.span)
+        fields[field] = build(keyword, stmt)
+        spans[field] = stmt.span
+    return fields, spans
 
 
 def block_keyword(stmt: Statement, table: Mapping, block: str) -> str:

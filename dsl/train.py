@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 from . import ast
 from .errors import DlnError, Span, did_you_mean
 from .params import Params, scalar_of
-from .read import (Parts, at_most, block_keyword, choice, integer, needed, no_label, parts, real,
+from .read import (Parts, at_most, choice, each_once, integer, needed, no_label, parts, real,
                    show, single)
 from .syntax import Block, Call, List, Number, Option, Statement, Word
 
@@ -130,17 +130,12 @@ def freeze(stmt: Statement, layer_names: tuple[str, ...]) -> tuple[str, ...]:
 def build_train(block: Block, params: Params, layer_names: tuple[str, ...],
                 span: Span) -> ast.Train:
     """`train { ... }`: each statement at most once."""
-    fields: dict[str, object] = {}
-    spans: dict[str, Span] = {}
-    for stmt in block.statements:
-        keyword = block_keyword(stmt, TRAIN_STATEMENTS, "train")
-        field, options, build = TRAIN_STATEMENTS[keyword]
-        if field in fields:
-            raise DlnError(f"{keyword} is given twice in train (first at line "
-                           f"{spans[field].line})", span=stmt.keyword.span)
-        fields[field] = freeze(stmt, layer_names) if keyword == "freeze" else \
-            build(parts(stmt, params, options))
-        spans[field] = stmt.span
+    def build(keyword: str, stmt: Statement):
+        if keyword == "freeze":
+            return freeze(stmt, layer_names)
+        _, options, make = TRAIN_STATEMENTS[keyword]
+        return make(parts(stmt, params, options))
+    fields, spans = each_once(block, TRAIN_STATEMENTS, "train", build)
     return ast.Train(**fields, span=span, spans=spans)
 
 
