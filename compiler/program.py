@@ -269,6 +269,15 @@ def compile_program(program: ast.Program, normalization: Normalization | None = 
     return Compiled(program, model, train_step, evaluation, spec, tuple(infer_ctx.infos), resolve_loss(program))
 
 
+def check_program(program: ast.Program) -> TrainStepSpec:
+    """Compilation's language, shape and type checks without emission: lowers the inference graph
+    and builds the differentiated training step, so every located compile error surfaces before
+    any data is read. Returns the step's spec (the parameters with their initial values)."""
+    vocab_size, steps = token_sizes(program, 0, None)
+    build_inference(program, None, vocab=vocab_size, steps=steps)
+    return build_train_step(program, None, vocab=vocab_size, steps=steps)[2]
+
+
 def with_weights(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of `model` whose initializers named in `arrays` hold those values."""
     out = onnx.ModelProto()

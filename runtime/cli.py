@@ -22,7 +22,7 @@ import dsl
 from compiler import __version__
 from compiler.emit import DEFAULT_OPSET, MIN_OPSET, newest_opset, resolve_target
 from compiler.lower import Normalization
-from compiler.program import RECURRENT_LOWERINGS, Compiled, compile_program
+from compiler.program import RECURRENT_LOWERINGS, Compiled, check_program, compile_program
 from dsl import ast
 from dsl.errors import DlnError
 
@@ -93,8 +93,8 @@ def cmd_check(args) -> int:
         print(f"{args.file}: ok — model {program.name} parses and type-checks; the layers after "
               f"{', '.join(missing)} are shape-checked once that file exists (train it first)")
         return EXIT_OK
-    compiled = compile_program(program)
-    params = sum(int(np.prod(p.init.shape)) for p in compiled.spec.params)
+    spec = check_program(program)
+    params = sum(int(np.prod(p.init.shape)) for p in spec.params)
     if "tokens" in (program.input.kind, program.output.kind):      # the vocabulary comes with the data
         print(f"{args.file}: ok — model {program.name}, {len(program.layers)} layers; its size depends on the "
               f"vocabulary of its data (dlnc shapes reads it)")
@@ -145,7 +145,7 @@ def cmd_compile(args) -> int:
 def cmd_run(args) -> int:
     from . import run
     program = load_program(args)
-    compile_program(program)                       # language and shape errors before any data is read
+    check_program(program)                         # language and shape errors before any data is read
     if args.checkpoint_interval < 0:
         raise DlnError("--checkpoint-interval must be 0 (every epoch) or a positive number of seconds",
                        path="dlnc run")
@@ -196,7 +196,7 @@ def cmd_search(args) -> int:
     overrides = parse_overrides(args.set)
     program = dsl.load_file(args.file, overrides=overrides)
     searching.check_search(program)
-    compile_program(program)                       # language and shape errors before any data is read
+    check_program(program)                         # language and shape errors before any data is read
     if args.workers < 1:
         raise DlnError(f"--workers {args.workers}: give 1 or more", path="dlnc search")
     if args.address and args.executor != "ray":
