@@ -9,8 +9,8 @@ matters.
 - Label: binary, y = 1 when the digit is 5 or more ("cat"), else 0.
 - The images are shuffled with seed 0 and cut into two disjoint sets, so no phone picture is
   a copy of a web picture:
-  - web_images.npz: 1,397 images, scaled to [0, 1];
-  - phone_images.npz: 400 images, made to look like bad phone photos: blurred (3×3 binomial
+  - web_images.npz: 1,197 images, scaled to [0, 1];
+  - phone_images.npz: 600 images, made to look like bad phone photos: blurred (3×3 binomial
     filter), moved by one pixel in a random direction, lower contrast on a brighter
     background (0.7·x + 0.2), a left-to-right lighting gradient, and Gaussian sensor noise
     (σ = 0.06), clipped to [0, 1].
@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 SEED = 0
-PHONE = 400
+PHONE = 600
 HERE = Path(__file__).resolve().parent
 
 

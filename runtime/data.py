@@ -806,10 +806,16 @@ def _concat(a: Dataset | None, b: Dataset | None) -> Dataset | None:
 
 # ---------------------------------------------------------------- normalisation and batches
 def normalization(x_train: np.ndarray) -> Normalization:
-    """μ and σ of each feature over the train split (σ := 1 where σ < 1e-8: a constant feature)."""
+    """μ and σ over the train split (σ := 1 where σ < 1e-8: a constant feature).
+
+    Features (N, F): one μ, σ per feature. Images (N, C, H, W): one per channel, shaped
+    (C, 1, 1), as torchvision's Normalize. Per-pixel statistics would divide a border pixel
+    that is almost always 0 by a σ near 0, so a stroke that augmentation shifts onto it
+    becomes an input in the hundreds."""
     x = np.asarray(x_train, dtype=np.float64)
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
+    axes = (0, 2, 3) if x.ndim == 4 else (0,)
+    mean = x.mean(axis=axes, keepdims=True)[0]
+    std = x.std(axis=axes, keepdims=True)[0]
     std = np.where(std < STD_FLOOR, 1.0, std)
     return Normalization(mean.astype(np.float32), std.astype(np.float32))
 

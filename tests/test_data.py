@@ -575,8 +575,12 @@ def test_normalization():
 def test_normalization_of_images():
     s = load(data_block("digits"), image(1, 8, 8), cls(10))
     norm = normalization(s.train.x)
-    assert norm.mean.shape == norm.std.shape == (1, 8, 8)
-    assert (norm.std > 0).all()
+    assert norm.mean.shape == norm.std.shape == (1, 1, 1)           # per channel, as torchvision
+    np.testing.assert_allclose(norm.mean[0, 0, 0], s.train.x.mean(), rtol=1e-5)
+    np.testing.assert_allclose(norm.std[0, 0, 0], s.train.x.std(), rtol=1e-5)
+    z = (s.train.x - norm.mean) / norm.std
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4
+    assert np.abs(z).max() < 10          # no pixel blown up by a near-zero per-pixel σ
 
 
 # ---------------------------------------------------------------- batches
