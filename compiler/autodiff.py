@@ -21,12 +21,14 @@ def depends_on(nodes: Iterable[Node], sources: Iterable[Value]) -> set[str]:
     return reached
 
 
-def grad(b: Builder, loss: Value, wrt: Iterable[Value]) -> dict[str, Value]:
-    """d loss / d w for each w in `wrt`, as values built into `b`; a scalar loss is seeded with 1."""
+def grad(b: Builder, loss: Value, wrt: Iterable[Value], seed: Value | None = None) -> dict[str, Value]:
+    """d loss / d w for each w in `wrt`, as values built into `b`. A scalar loss is seeded with 1,
+    or with the scalar `seed`, which gives seed·d loss / d w (the seed meets the loss's scalar
+    factors first, so the scaling costs no pass over a tensor)."""
     wrt = tuple(wrt)
     forward = tuple(b.nodes)
     live = depends_on(forward, wrt)
-    grads: dict[str, Value] = {loss.name: b.const(1.0, dtype=loss.dtype)}
+    grads: dict[str, Value] = {loss.name: seed if seed is not None else b.const(1.0, dtype=loss.dtype)}
     for node in reversed(forward):
         g = grads.get(node.output.name)
         if g is None or node.output.name not in live:

@@ -28,7 +28,7 @@ from .ir import Builder, Graph, Value
 from .lower import LayerInfo, LowerContext, Normalization, ParamSpec, StateSpec, error, lower_network
 from .lower_sequence import check_token_input, sequence_loss, token_sizes, unrolled
 from .simplify import simplify
-from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, clip_by_global_norm, data_loss, decayed_lr, \
+from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, Slots, clip_by_global_norm, data_loss, decayed_lr, \
     regularization
 
 RECURRENT_LOWERINGS = ("op", "unrolled")      # `dlnc compile --recurrent`: one ONNX op per layer, or plain ops
@@ -166,25 +166,34 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
     cost = b.op("identity", cost, name="loss")
 
     trainable = tuple(p.name for p in ctx.params if p.layer not in frozen)
-    grads = grad(b, cost, [ctx.param_values[n] for n in trainable]) if trainable else {}
+    optimizer = OPTIMIZERS[program.train.optimizer.kind]
+    scale = optimizer.gradient_scale(ctx) if optimizer.gradient_scale is not None and trainable else None
+    grads = grad(b, cost, [ctx.param_values[n] for n in trainable], seed=scale) if trainable else {}
     if program.train.clip_norm is not None and grads:
-        grads = clip_by_global_norm(ctx, grads, program.train.clip_norm)
+        grads = clip_by_global_norm(ctx, grads, program.train.clip_norm, scale)
 
     alpha = decayed_lr(ctx, program.train)
     step = b.input("step", ())
     t = b.add(step, b.scalar(1.0), name="new.step")
-    rule = OPTIMIZERS[program.train.optimizer.kind]
     state = [StateSpec("step", np.zeros((), dtype=dtype))]
     updates = {"step": t}
+    shared: dict[str, Value] = {}
+
+    def scalar_slot(name: str, init: float) -> Value:
+        if name not in shared:
+            shared[name] = b.input(name, ())
+            state.append(StateSpec(name, np.asarray(init, dtype=dtype)))
+        return shared[name]
+
     for name in trainable:
         w = ctx.param_values[name]
 
-        def slot(role: str, w=w) -> str:
+        def tensor_slot(role: str, w=w) -> Value:
             value = b.input(f"{w.name}.{role}", w.shape)
             state.append(StateSpec(value.name, np.zeros(w.shape, dtype=dtype)))
             return value
 
-        new_w, new_slots = rule(ctx, w, grads[name], alpha, t, slot)
+        new_w, new_slots = optimizer.update(ctx, w, grads[name], alpha, t, Slots(tensor_slot, scalar_slot))
         updates[name] = new_w
         updates.update(new_slots)
     updates.update(ctx.buffer_updates)

@@ -12,15 +12,16 @@ Optimisers (the notes' forms; t counts steps from 1):
     rmsprop   s ← β₂·s + (1 − β₂)·dW²;           W ← W − α·dW / (√s + ε)
     adam      v ← β₁·v + (1 − β₁)·dW;  s ← β₂·s + (1 − β₂)·dW²
               W ← W − α·(v / (1 − β₁ᵗ)) / (√(s / (1 − β₂ᵗ)) + ε)
-The updates are written for few passes over each tensor (every op of the step graph reads and
-writes whole tensors): averages as old + (1 − β)·(new − old), Adam's bias corrections folded
-into two scalars per step (`adam_scalars`).
+The updates are written for few passes over each tensor (see the optimisers' section): the
+backward pass delivers gradients already scaled by (1 − β), Adam keeps its second moment scaled,
+and its bias corrections are folded into two scalars per step (`adam_scalars`).
 Decay of α by epoch (from 0):
     inverse α₀/(1 + rate·epoch), exponential α₀·rate^epoch, step α₀·factor^⌊epoch/every⌋
 Clipping: g ← g · c / max(‖g‖, c) with ‖g‖ the global norm over all gradients.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from dsl import ast
@@ -79,47 +80,76 @@ def decayed_lr(ctx: LowerContext, train: ast.Train) -> Value:
     return b.mul(lr, b.op("pow", factor, b.op("floor", b.div(epoch, every))), name="alpha")
 
 
-def clip_by_global_norm(ctx: LowerContext, grads: dict[str, Value], clip: float) -> dict[str, Value]:
+def clip_by_global_norm(ctx: LowerContext, grads: dict[str, Value], clip: float,
+                        scale: Value | None = None) -> dict[str, Value]:
+    """g ← g·c/max(‖g‖, c). With gradients that arrive scaled, g' = a·g, the same clip is
+    g' ← g'·(a·c)/max(‖g'‖, a·c)."""
     b = ctx.b
     c = ctx.hyperparameter("clip_norm", clip)
+    if scale is not None:
+        c = b.mul(scale, c)
     squares = [b.op("reduce_sum", b.mul(g, g), axes=None, keepdims=False) for g in grads.values()]
     total = squares[0]
     for s in squares[1:]:
         total = b.add(total, s)
-    scale = b.div(c, b.op("maximum", b.op("sqrt", total), c), name="clip_scale")
-    return {name: b.mul(g, scale) for name, g in grads.items()}
+    factor = b.div(c, b.op("maximum", b.op("sqrt", total), c), name="clip_scale")
+    return {name: b.mul(g, factor) for name, g in grads.items()}
 
 
 # ---------------------------------------------------------------- optimisers
-# A rule gets the context, the parameter, its gradient, α, the step t (from 1) and a function
-# that makes a state slot; it returns the new parameter and {slot input: new slot value}.
-Slot = Callable[[str], Value]
+# Every op of the step graph reads and writes whole tensors, and the update is memory-bound,
+# so its cost is the number of passes over each parameter. Two things cut them:
+#   - the backward pass is seeded with a scalar a instead of 1 (`gradient_scale`), so every
+#     gradient arrives as g' = a·dW for free: a multiplies the loss's scalar seed, never a
+#     tensor. With a = 1 − β, the average β·v + (1 − β)·dW is β·v + g': two passes, not three;
+#   - a moment may be kept scaled by a per-step scalar, so that its update needs no multiply
+#     of g'. The scale is itself state, so a β changed mid-run (`dlnc tune`) rescales exactly.
+# A rule gets the context, the parameter, its scaled gradient g', α, the step t (from 1) and the
+# optimiser's `Slots`; it returns the new parameter and {state input: new value}.
+@dataclass(frozen=True)
+class Slots:
+    """The optimiser state a rule asks for: `tensor(role)` is a per-parameter slot shaped like
+    it (`<param>.<role>`), `scalar(name, init)` one scalar shared by every parameter."""
+    tensor: Callable[[str], Value]
+    scalar: Callable[[str, float], Value]
 
 
-def update_sgd(ctx, w, g, alpha, t, slot):
+@dataclass(frozen=True)
+class Optimizer:
+    update: Callable                                          # (ctx, w, g', α, t, slots) -> (W', {slot: new})
+    gradient_scale: Callable[[LowerContext], Value] | None = None   # a, with g' = a·dW; None: a = 1
+
+
+def update_sgd(ctx, w, g, alpha, t, slots):
+    # W ← W − α·dW: 2 passes
     return ctx.b.sub(w, ctx.b.mul(alpha, g)), {}
 
 
-def _average(b: Builder, old: Value, new: Value, beta: Value) -> Value:
-    """β·old + (1 − β)·new, the exponentially weighted average, as old + (1 − β)·(new − old):
-    three passes over the tensor, with (1 − β) a scalar."""
-    return b.add(old, b.mul(b.sub(b.scalar(1.0), beta), b.sub(new, old)))
+def momentum_scale(ctx) -> Value:
+    return ctx.b.sub(ctx.b.scalar(1.0), ctx.hyperparameter("beta", ctx.program.train.optimizer.beta))
 
 
-def update_momentum(ctx, w, g, alpha, t, slot):
+def update_momentum(ctx, w, g, alpha, t, slots):
+    # g' = (1 − β)·dW;  v ← β·v + g';  W ← W − α·v: 4 passes
     b, beta = ctx.b, ctx.hyperparameter("beta", ctx.program.train.optimizer.beta)
-    v = slot("v")
-    v_new = _average(b, v, g, beta)
+    v = slots.tensor("v")
+    v_new = b.add(b.mul(beta, v), g)
     return b.sub(w, b.mul(alpha, v_new)), {v.name: v_new}
 
 
-def update_rmsprop(ctx, w, g, alpha, t, slot):
+def rmsprop_scale(ctx) -> Value:
+    beta2 = ctx.hyperparameter("beta2", ctx.program.train.optimizer.beta2)
+    return ctx.b.op("sqrt", ctx.b.sub(ctx.b.scalar(1.0), beta2))
+
+
+def update_rmsprop(ctx, w, g, alpha, t, slots):
+    # g' = √(1 − β₂)·dW;  s ← β₂·s + g'²;  W ← W − α·dW/(√s + ε) = W − (α/√(1 − β₂))·g'/(√s + ε): 8 passes
     b, opt = ctx.b, ctx.program.train.optimizer
     beta2, eps = ctx.hyperparameter("beta2", opt.beta2), ctx.hyperparameter("eps", opt.eps)
-    s = slot("s")
-    s_new = _average(b, s, b.mul(g, g), beta2)
+    s = slots.tensor("s")
+    s_new = b.add(b.mul(beta2, s), b.mul(g, g))
     step = b.div(g, b.add(b.op("sqrt", s_new), eps))
-    return b.sub(w, b.mul(alpha, step)), {s.name: s_new}
+    return b.sub(w, b.mul(b.div(alpha, rmsprop_scale(ctx)), step)), {s.name: s_new}
 
 
 def adam_scalars(ctx, alpha: Value, t: Value) -> tuple[Value, Value]:
@@ -136,15 +166,35 @@ def adam_scalars(ctx, alpha: Value, t: Value) -> tuple[Value, Value]:
     return c, b.mul(eps, root2)
 
 
-def update_adam(ctx, w, g, alpha, t, slot):
-    # v ← v + (1 − β₁)(g − v); s ← s + (1 − β₂)(g² − s); W ← W − c·v / (√s + ε̂): 12 passes
+def adam_scale(ctx) -> Value:
+    return ctx.b.sub(ctx.b.scalar(1.0), ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1))
+
+
+def adam_moment_scale(ctx) -> Value:
+    """k = (1 − β₂)/(1 − β₁)²: Adam keeps ŝ = s/k, so that ŝ ← β₂·ŝ + g'² with g' = (1 − β₁)·dW."""
+    b, opt = ctx.b, ctx.program.train.optimizer
+    one = b.scalar(1.0)
+    a = b.sub(one, ctx.hyperparameter("beta1", opt.beta1))
+    return b.div(b.sub(one, ctx.hyperparameter("beta2", opt.beta2)), b.mul(a, a))
+
+
+def update_adam(ctx, w, g, alpha, t, slots):
+    # g' = (1 − β₁)·dW, so v ← β₁·v + (1 − β₁)·dW is v ← β₁·v + g'               (2 passes)
+    # ŝ = s/k with k = (1 − β₂)/(1 − β₁)²: ŝ ← β₂·(k_prev/k)·ŝ + g'²              (3 passes)
+    #   (k_prev, the k the stored ŝ was scaled by, is scalar state: exact when β changes)
+    # W ← W − c·v/(√s + ε̂) = W − (c/√k)·v/(√ŝ + ε̂/√k)                           (5 passes)
     b, opt = ctx.b, ctx.program.train.optimizer
     beta1, beta2 = ctx.hyperparameter("beta1", opt.beta1), ctx.hyperparameter("beta2", opt.beta2)
-    v, s = slot("v"), slot("s")
-    v_new, s_new = _average(b, v, g, beta1), _average(b, s, b.mul(g, g), beta2)
+    k = adam_moment_scale(ctx)
+    k_prev = slots.scalar("adam.k", (1 - opt.beta2) / (1 - opt.beta1) ** 2)
+    v, s = slots.tensor("v"), slots.tensor("s")
+    v_new = b.add(b.mul(beta1, v), g)
+    s_new = b.add(b.mul(b.mul(beta2, b.div(k_prev, k)), s), b.mul(g, g))
     c, eps_hat = adam_scalars(ctx, alpha, t)
-    step = b.div(v_new, b.add(b.op("sqrt", s_new), eps_hat))
-    return b.sub(w, b.mul(c, step)), {v.name: v_new, s.name: s_new}
+    root_k = b.op("sqrt", k)
+    step = b.div(v_new, b.add(b.op("sqrt", s_new), b.div(eps_hat, root_k)))
+    return b.sub(w, b.mul(b.div(c, root_k), step)), {v.name: v_new, s.name: s_new, k_prev.name: k}
 
 
-OPTIMIZERS = {"sgd": update_sgd, "momentum": update_momentum, "rmsprop": update_rmsprop, "adam": update_adam}
+OPTIMIZERS = {"sgd": Optimizer(update_sgd), "momentum": Optimizer(update_momentum, momentum_scale),
+              "rmsprop": Optimizer(update_rmsprop, rmsprop_scale), "adam": Optimizer(update_adam, adam_scale)}
