@@ -57,3 +57,27 @@ def test_ortt_peer_trains_lenet5_and_the_gru_when_installed(tmp_path):
     for model in ("lenet5", "gru_char"):
         ortt = configs[model]["peers"]["ortt"]
         assert ortt["steps_per_s"] and ortt["steps_per_s"] > 0, ortt["reason"]
+
+
+def test_quick_accuracy_study_prints_a_row_per_seed():
+    """bench/accuracy_digits_cnn.py (issue 3) trains examples/digits_cnn.dln with dlnc and torch on the
+    same batches; --quick runs 2 seeds of 2 epochs. Only the table's shape is checked, not the accuracy."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.xfail("peer not installed: torch (pip install '.[test]')")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy_digits_cnn.py"), "--quick"], check=False,
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    heads = next(line for line in lines if line.split()[:1] == ["seed"])
+    for title in ("dlnc test", "torch32", "torch64", "no-aug", "x/16 α×10", "adam .01"):
+        assert title in heads, title
+    rows = {int(line.split()[0]): line.split() for line in lines if line.split()[:1] in (["0"], ["1"])}
+    assert sorted(rows) == [0, 1]
+    for cells in rows.values():      # seed, 8 accuracies, Δ32 Δ64 (examples), ΔW32 ΔW64, seconds
+        assert len(cells) == 1 + 8 + 5, cells
+        accuracies = [float(c) for c in cells[1:9]]
+        assert all(0.0 <= a <= 100.0 for a in accuracies), cells
+        assert all(int(c) >= 0 for c in cells[9:11]), cells
+    for name in ("mean", "median", "min", "max", ">=97%"):
+        assert any(line.split()[:1] == [name] for line in lines), name
+    assert "largest |dlnc − torch float32| test accuracy" in result.stdout
