@@ -144,6 +144,7 @@ def cmd_compile(args) -> int:
 
 def cmd_run(args) -> int:
     from . import run
+    from .session import resolve_device
     program = load_program(args)
     check_program(program)                         # language and shape errors before any data is read
     if args.checkpoint_interval < 0:
@@ -154,7 +155,10 @@ def cmd_run(args) -> int:
     out = run.choose_folder(args.output, program.name, force=args.force, resume=args.resume)
     splits = load_data(program)
     compiled = compile_with_data(program, splits)
-    summary = run.run(program, compiled, splits, out, device=args.device, threads=args.threads,
+    device, fallback = resolve_device(args.device)
+    if fallback is not None:
+        print(f"dlnc: warning: {fallback}", file=sys.stderr)
+    summary = run.run(program, compiled, splits, out, device=device, threads=args.threads,
                       resume=args.resume, force=args.force, check_numerics=args.check_numerics,
                       checkpoint_interval=args.checkpoint_interval, quiet=args.quiet, as_json=args.json,
                       source_hash=source_hash(program))

@@ -52,17 +52,47 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+CUDA_MISSING = ("ONNX Runtime's CUDA provider is not installed here "
+                "(install onnxruntime-gpu in place of onnxruntime)")
+CUDA_NOT_LOADED = ("ONNX Runtime's CUDA provider is installed but did not load "
+                   "(check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed)")
+
+
 def make_session(model_bytes: bytes, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise DlnError("--device cuda needs ONNX Runtime's CUDA provider, which this installation lacks; "
-                       "install onnxruntime-gpu in place of onnxruntime, or run with --device cpu")
+        raise DlnError(f"--device cuda: {CUDA_MISSING}; or run with --device cpu")
     session = ort.InferenceSession(model_bytes, session_options(threads), providers=PROVIDERS[device])
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime-gpu is installed but its CUDA provider did not load (CUDA or cuDNN missing)
-        raise DlnError("--device cuda: ONNX Runtime's CUDA provider is installed but failed to load "
-                       "(check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed); "
-                       "or run with --device cpu")
+        raise DlnError(f"--device cuda: {CUDA_NOT_LOADED}; or run with --device cpu")
     return session
+
+
+def cuda_problem() -> str | None:
+    """Why the CUDA provider cannot run here, or None when it can: a one-node session says
+    whether the provider ONNX Runtime lists actually loads."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return CUDA_MISSING
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=PROVIDERS["cuda"])
+    except Exception:                                   # the provider's libraries failed to load
+        return CUDA_NOT_LOADED
+    return None if session.get_providers()[0] == "CUDAExecutionProvider" else CUDA_NOT_LOADED
+
+
+def resolve_device(requested: str) -> tuple[str, str | None]:
+    """The device to train on and, when it is not the one asked for, why: --device cuda falls
+    back to the CPU where the CUDA provider is missing or does not load."""
+    if requested == "cuda":
+        problem = cuda_problem()
+        if problem is not None:
+            return "cpu", f"--device cuda: {problem}; training on the CPU instead"
+    return requested, None
 
 
 def ort_device(device: str) -> tuple[str, int]:

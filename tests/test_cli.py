@@ -13,6 +13,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from conftest import write
+from dsl.errors import DlnError
 
 
 TINY = """model tiny
@@ -177,13 +178,27 @@ def test_installed_console_script_finds_its_grammar_from_any_folder(tmp_path):
     assert broken.returncode == 2 and "bad.dln:2:" in broken.stderr and "Traceback" not in broken.stderr
 
 
-def test_cuda_without_the_cuda_provider_is_a_clear_error(tmp_path, dlnc):
+def test_cuda_without_the_cuda_provider_falls_back_to_the_cpu_with_a_message(tmp_path, dlnc):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.xfail("this machine has the CUDA provider; the fallback cannot be reached")
+    result = dlnc("run", write(tmp_path, TINY), "-o", tmp_path / "run", "--device", "cuda", "--json")
+    assert result.code == 0, result.err
+    assert "warning: --device cuda" in result.err and "onnxruntime-gpu" in result.err
+    assert "training on the CPU instead" in result.err and "Traceback" not in result.err
+    assert (tmp_path / "run" / "model.onnx").exists()
+    assert json.loads(result.out)["splits"]["train"]["examples"] > 0
+
+
+def test_a_runner_asked_for_cuda_without_the_provider_is_a_clear_error():
+    """The library path (StepRunner, the benchmark) does not fall back: it says what is missing."""
     import onnxruntime as ort
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.xfail("this machine has the CUDA provider; the error path cannot be reached")
-    result = dlnc("run", write(tmp_path, TINY), "-o", tmp_path / "run", "--device", "cuda")
-    assert result.code == 2 and "onnxruntime-gpu" in result.err
-    assert not (tmp_path / "run").exists()
+    from runtime.session import make_session, resolve_device
+    with pytest.raises(DlnError, match="onnxruntime-gpu"):
+        make_session(b"", "cuda")
+    assert resolve_device("cuda")[0] == "cpu" and resolve_device("cpu") == ("cpu", None)
 
 
 REFERENCE_EXAMPLES = ["cancer_logistic", "moons_shallow", "digits_deep", "digits_cnn", "digits_transfer",
