@@ -99,9 +99,18 @@ def decayed(train: ast.Train, epoch: int) -> float:
 
 
 # ---------------------------------------------------------------- running both
-def train_both(text: str, batch_size: int | None, steps: int = STEPS):
+def torch_betas(group: dict, changes: dict[str, float]) -> None:
+    """Set dlnc's β hyperparameters in a torch param group (Adam's betas, RMSprop's alpha)."""
+    if "betas" in group:
+        group["betas"] = (changes.get("beta1", group["betas"][0]), changes.get("beta2", group["betas"][1]))
+    elif "beta2" in changes:
+        group["alpha"] = changes["beta2"]
+
+
+def train_both(text: str, batch_size: int | None, steps: int = STEPS, changes: dict | None = None):
     """Train dlnc and torch side by side; returns their loss sequences, final arrays and the
-    global gradient norms torch saw (before clipping)."""
+    global gradient norms torch saw (before clipping). `changes`: {step: {hyperparameter:
+    value}} set in both before that step (what `dlnc tune` does to a running program)."""
     compiled = compile_program(dsl.load(text))
     program, spec = compiled.program, compiled.spec
     x, y = synthetic_data(program.output.kind, program.output.size)
@@ -111,8 +120,10 @@ def train_both(text: str, batch_size: int | None, steps: int = STEPS):
     lam = reg.lam if reg is not None else 0.0
     clip = program.train.clip_norm
     dlnc_losses, torch_losses, norms = [], [], []
-    for epoch, idx in batch_schedule(batch_size or EXAMPLES, steps):
-        runner.set_hyper({"epoch": float(epoch)})
+    for number, (epoch, idx) in enumerate(batch_schedule(batch_size or EXAMPLES, steps)):
+        runner.set_hyper({"epoch": float(epoch), **(changes or {}).get(number, {})})
+        for group in optimizer.param_groups:
+            torch_betas(group, (changes or {}).get(number, {}))
         for group in optimizer.param_groups:
             group["lr"] = decayed(program.train, epoch) * lr_scale
         dlnc_losses.append(runner.step({spec.x: x[idx], spec.y: y[idx]}))
@@ -205,7 +216,7 @@ def test_lr_decay_changes_training():
 
 
 # ---------------------------------------------------------------- 3. global-norm clipping
-@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "rmsprop", "adam"])
 @pytest.mark.parametrize("clip", [0.05, 0.5])
 def test_clip_norm(clip, opt):
     output, layers = NETWORKS["deep"]
@@ -214,6 +225,19 @@ def test_clip_norm(clip, opt):
     norms = result[4]
     assert any(n > clip for n in norms), "clipping never engaged; the case tests nothing"
     assert_parity(result, TOLERANCE[opt], opt)
+
+
+@pytest.mark.parametrize("opt", ["rmsprop", "adam"])
+def test_betas_changed_mid_run(opt):
+    """The backward pass delivers (1 − β)-scaled gradients and Adam keeps s scaled by a β-dependent
+    k (compiler/train.py); a β changed between steps, as `dlnc tune` does, must still give
+    exactly torch's update with the new β from that step on."""
+    output, layers = NETWORKS["deep"]
+    text = program_text(output, layers, OPTIMIZERS[opt], MINI_BATCH, "clip_norm 0.5")
+    changes = {20: {"beta1": 0.6, "beta2": 0.9}, 35: {"beta1": 0.95, "beta2": 0.999}}
+    changed, unchanged = train_both(text, MINI_BATCH, changes=changes), train_both(text, MINI_BATCH)
+    assert relative(changed[2]["dense_1.W"], unchanged[2]["dense_1.W"]) > 1e-3, "the change changed nothing"
+    assert_parity(changed, TOLERANCE[opt], opt)
 
 
 # ---------------------------------------------------------------- 4. batchnorm
