@@ -18,6 +18,7 @@ Where the values live:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -78,10 +79,15 @@ def cuda_problem() -> str | None:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ort.set_default_logger_severity(4)     # the provider's own load errors: dlnc says it in one line
     try:
-        session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=PROVIDERS["cuda"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=PROVIDERS["cuda"])
     except Exception:                                   # the provider's libraries failed to load
         return CUDA_NOT_LOADED
+    finally:
+        ort.set_default_logger_severity(3)
     return None if session.get_providers()[0] == "CUDAExecutionProvider" else CUDA_NOT_LOADED
 
 

@@ -190,6 +190,19 @@ def test_cuda_without_the_cuda_provider_falls_back_to_the_cpu_with_a_message(tmp
     assert json.loads(result.out)["splits"]["train"]["examples"] > 0
 
 
+def test_cuda_provider_that_does_not_load_falls_back_too(tmp_path, dlnc, monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries lists the provider but cannot load it (seen with
+    the 1.31.1 wheel on this CPU machine); a session then runs on the CPU provider alone."""
+    import onnxruntime as ort
+    listed = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    if "CUDAExecutionProvider" in listed:
+        pytest.xfail("this machine has the CUDA provider; the fallback cannot be reached")
+    result = dlnc("run", write(tmp_path, TINY), "-o", tmp_path / "run", "--device", "cuda")
+    assert result.code == 0, result.err
+    assert "did not load" in result.err and "training on the CPU instead" in result.err
+
+
 def test_a_runner_asked_for_cuda_without_the_provider_is_a_clear_error():
     """The library path (StepRunner, the benchmark) does not fall back: it says what is missing."""
     import onnxruntime as ort
