@@ -163,7 +163,7 @@ def emit_reduce(ctx, node):
 def _sum_of_rows(ctx: EmitContext, x: Value, out: str) -> str:
     """Σᵢ x[i, :] as the vector-matrix product 1ᵀ·x, with 1 a length-N vector of ones: a bias
     gradient. ONNX Runtime runs that MatMul as one GEMV; its ReduceSum over axis 0 of a
-    (512, 256) gradient took 54 µs on 2 threads against the GEMV's 5 (bench/NOTES.md, section 10).
+    (512, 256) gradient took 54 µs on 2 threads against the GEMV's 5 (bench/NOTES.md, section 11).
     All sums over the same batch share one vector of ones."""
     rows = x.shape[0]
     if isinstance(rows, int):

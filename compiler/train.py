@@ -26,7 +26,7 @@ from typing import Callable
 
 from dsl import ast
 
-from .ir import Builder, Value
+from .ir import Value
 from .lower import LowerContext
 
 # ---------------------------------------------------------------- losses
@@ -116,6 +116,7 @@ class Slots:
 
 @dataclass(frozen=True)
 class Optimizer:
+    """One optimiser: its update rule and the scale its gradients arrive with."""
     update: Callable                                          # (ctx, w, g', α, t, slots) -> (W', {slot: new})
     gradient_scale: Callable[[LowerContext], Value] | None = None   # a, with g' = a·dW; None: a = 1
 
