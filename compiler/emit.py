@@ -345,6 +345,40 @@ def _argmax_by_windows(ctx: EmitContext, node: Node) -> str:
     return ctx.node("Reshape", [flat, i64([-1, channels, ho, wo], "shape")], out)
 
 
+@emit("maxpool_grad")
+def emit_maxpool_grad(ctx, node):
+    """Windows that tile x, by whole-tensor ops only (MaxPool's Indices output and ScatterElements
+    each run on one thread, and took a third of a LeNet-5 step):
+        hits  = [x = up(y)]                       every maximum of its window (ties included)
+        keyed = hits · key,  key[h, w] = kh·kw − (h mod kh)·kw − (w mod kw)
+        first = [keyed = up(MaxPool(keyed))]      the first maximum in row-major order: the largest key
+        dx    = first · up(g)
+    with up the nearest-neighbour upsampling by the window: Resize for float32, and for float64
+    (which ONNX Runtime's Resize lacks) an Expand of the (N, C, Ho, 1, Wo, 1) view, 8× slower."""
+    g, x, y = node.inputs
+    out, dtype = node.output.name, np.dtype(x.dtype)
+    (kh, kw), (_, channels, h, w) = node.attr("kernel"), x.shape
+    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
+
+    def up(value: str, hint: str) -> str:
+        if dtype == np.float32:
+            return ctx.node("Resize", [value, "", ctx.const(np.array([1, 1, kh, kw], np.float32), f"const.{out}.scales")],
+                            f"{out}.{hint}", mode="nearest", coordinate_transformation_mode="asymmetric",
+                            nearest_mode="floor")
+        view = ctx.node("Reshape", [value, i64([-1, channels, h // kh, 1, w // kw, 1], "view")], f"{out}.{hint}_view")
+        spread = ctx.node("Expand", [view, i64([1, 1, 1, kh, 1, kw], "spread")], f"{out}.{hint}_spread")
+        return ctx.node("Reshape", [spread, i64([-1, channels, h, w], "shape")], f"{out}.{hint}")
+    rows, cols = np.meshgrid(np.arange(h) % kh, np.arange(w) % kw, indexing="ij")
+    key = ctx.const((kh * kw - rows * kw - cols).astype(dtype).reshape(1, 1, h, w), f"const.{out}.key")
+    hits = ctx.node("Cast", [ctx.node("Equal", [x.name, up(y.name, "y_up")], f"{out}.is_max")], f"{out}.hits",
+                    to=ONNX_DTYPES[x.dtype])
+    keyed = ctx.node("Mul", [hits, key], f"{out}.keyed")
+    best = ctx.node("MaxPool", [keyed], f"{out}.best", **_window_attrs(node))
+    first = ctx.node("Cast", [ctx.node("Equal", [keyed, up(best, "best_up")], f"{out}.is_first")], f"{out}.first",
+                     to=ONNX_DTYPES[x.dtype])
+    ctx.node("Mul", [first, up(g.name, "g_up")], out)
+
+
 @emit("avgpool")
 def emit_avgpool(ctx, node):
     ctx.node("AveragePool", _names(node), node.output.name, **_window_attrs(node))

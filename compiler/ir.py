@@ -67,6 +67,9 @@ OPS: Mapping[str, str] = {
     "maxpool": "y = max of x over each kh×kw window, attrs kernel, strides (no padding)",
     "maxpool_argmax": "the flat index into x (over all of x, batch and channel included) of each window's first "
                       "maximum, int64, shaped like maxpool's y; attrs kernel, strides",
+    "maxpool_grad": "max pooling's gradient when the windows tile x exactly (strides = kernel, sizes divisible): "
+                    "each g[n, c, p, q] at the first maximum of window (p, q) of x, zeros elsewhere; inputs g, x "
+                    "and y = maxpool(x); attrs kernel, strides",
     "avgpool": "y = mean of x over each kh×kw window, attrs kernel, strides (no padding)",
     "avgpool_transpose": "the adjoint of avgpool: every x[n, c, p, q]/(kh·kw) added over its window, "
                          "(m, C, Ho, Wo) → (m, C, H, W); attrs kernel, strides, input_size (H, W)",

@@ -267,6 +267,25 @@ def shape_maxpool_argmax(inputs, attrs):
     return "int64", shape_pool(inputs, attrs)[1]
 
 
+def windows_tile(shape, kernel, strides) -> bool:
+    """Whether kh×kw windows at strides (kh, kw) cover an (…, H, W) tensor exactly once."""
+    h, w = shape[-2:]
+    return (tuple(strides) == tuple(kernel) and isinstance(h, int) and isinstance(w, int)
+            and h % kernel[0] == 0 and w % kernel[1] == 0)
+
+
+@rule("maxpool_grad")
+def shape_maxpool_grad(inputs, attrs):
+    g, x, y = inputs
+    if not windows_tile(x.shape, attrs["kernel"], attrs["strides"]):
+        raise ShapeError(f"maxpool_grad needs windows that tile x {x.shape}: strides = kernel {attrs['kernel']} "
+                         f"and sizes divisible by it; got strides {attrs['strides']}")
+    pooled = shape_pool((x,), attrs)[1]
+    if tuple(g.shape) != tuple(pooled) or tuple(y.shape) != tuple(pooled):
+        raise ShapeError(f"maxpool_grad of x {x.shape} needs g and y shaped {pooled}; got {g.shape}, {y.shape}")
+    return g.dtype, x.shape
+
+
 @rule("avgpool_transpose")
 def shape_avgpool_transpose(inputs, attrs):
     (g,) = inputs

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .ir import NON_DIFFERENTIABLE, Builder, Node, Value, registrar
-from .shapes import unread
+from .shapes import unread, windows_tile
 
 VJP_RULES: dict[str, Callable[[Builder, Value, Node], tuple[Value | None, ...]]] = {}
 
@@ -295,8 +295,19 @@ def vjp_conv_filter_grad(b, g, node):
 def vjp_maxpool(b, g, node):
     # each g goes to the (first) maximum of its window; overlapping windows add up
     (x,) = node.inputs
-    argmax = b.op("maxpool_argmax", x, kernel=node.attr("kernel"), strides=node.attr("strides"))
+    window = {"kernel": node.attr("kernel"), "strides": node.attr("strides")}
+    if windows_tile(x.shape, **window):
+        return (b.op("maxpool_grad", g, x, node.output, **window),)
+    argmax = b.op("maxpool_argmax", x, **window)
     return (b.op("scatter_add", g, argmax, x),)
+
+
+@vjp("maxpool_grad")
+def vjp_maxpool_grad(b, h, node):
+    # linear in g: dx = M(x)·g routes g to the first maxima, so dg = M(x)ᵀ·h = h at each first maximum
+    g, x, y = node.inputs
+    argmax = b.op("maxpool_argmax", x, kernel=node.attr("kernel"), strides=node.attr("strides"))
+    return b.op("take", h, argmax), None, None
 
 
 @vjp("avgpool")

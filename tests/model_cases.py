@@ -48,6 +48,8 @@ LAYER_PROGRAMS: dict[str, str] = {
     "maxpool": _program("float[1, 8, 8]", "class[3]", "conv 4 size=3 relu; maxpool size=2; flatten; dense 3 softmax"),
     "maxpool_overlapping": _program("float[2, 8, 8]", "class[3]",
                                     "conv 2 size=2 relu; maxpool size=3 stride=2; flatten; dense 3 softmax"),
+    "maxpool_ragged": _program("float[1, 9, 9]", "class[3]",          # 7×7 in 2×2 windows: the last row and column left out
+                               "conv 4 size=3 relu; maxpool size=2; flatten; dense 3 softmax"),
     "maxpool_on_input": _program("float[2, 7, 7]", "class[3]", "maxpool size=3 stride=2; flatten; dense 3 softmax"),
     "avgpool": _program("float[1, 8, 8]", "class[3]",
                         "conv 4 size=3 padding=1 relu; avgpool size=2; flatten; dense 3 softmax"),

@@ -46,6 +46,18 @@ def window(size, stride):
     return {"kernel": (size, size), "strides": (stride, stride)}
 
 
+def ties_in_windows() -> tuple[np.ndarray, np.ndarray]:
+    """x (2, 2, 4, 6) whose 2×2 windows hold ties (zeros, as after a ReLU, and equal positive
+    values), and y = its 2×2 max pooling: maxpool_grad must pick each window's first maximum."""
+    x = np.maximum(np.random.default_rng(5).normal(size=(2, 2, 4, 6)), 0.0)
+    x[0, 0, :2, :2] = 0.0
+    x[0, 1, 2:, 2:4] = 0.75
+    x[1, 0, 0, 4:] = x[1, 0, 1, 4] = 2.5
+    y = x.reshape(2, 2, 2, 2, 3, 2).max(axis=(3, 5))
+    return x, y
+
+
+TIES = ties_in_windows()
 CASES = [
     Case("identity", ((3, 4),)),
     Case("neg", ((3, 4),)),
@@ -97,6 +109,9 @@ CASES = [
     Case("maxpool", (("N", 2, 7, 7),), window(3, 2), id="maxpool-overlapping"),
     Case("maxpool", ((2, 2, 5, 5),), window(2, 2), id="maxpool-2x2-odd"),
     Case("maxpool", ((1, 2, 4, 5),), window(2, 1), id="maxpool-stride1"),
+    Case("maxpool", (("N", 2, 4, 6),), window(2, 2), id="maxpool-tiling"),
+    Case("maxpool", ((2, 1, 6, 6),), {"kernel": (3, 2), "strides": (3, 2)}, id="maxpool-tiling-3x2"),
+    Case("maxpool_grad", ((2, 2, 2, 3),), window(2, 2), extra=TIES, id="maxpool_grad-ties"),
     Case("avgpool", (("N", 2, 5, 5),), window(2, 2), id="avgpool-2x2-odd"),
     Case("avgpool", ((2, 2, 7, 6),), window(3, 2), id="avgpool-overlapping"),
     Case("avgpool_transpose", ((2, 3, 3, 2),), {**window(3, 2), "input_size": (7, 6)}),

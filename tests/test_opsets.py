@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from compiler.emit import DEFAULT_IR_VERSION, MIN_OPSET, min_ir_version, newest_opset, resolve_target
+from compiler.emit import DEFAULT_IR_VERSION, DEFAULT_OPSET, MIN_OPSET, min_ir_version, newest_opset, resolve_target
 from compiler.program import check
 from dsl.errors import DlnError
 from model_cases import ALL_CASES, LAYER_PROGRAMS, case, randomized, train_feeds
@@ -110,14 +110,26 @@ def test_onnxruntime_runs_the_newest_opset_onnx_knows():
 
 def test_max_pooling_gradient_before_opset_16_matches_scatter_elements():
     """Before opset 16 ScatterElements cannot add, so max pooling's gradient is placed by window
-    offsets (a ConvTranspose); overlapping windows must still add up."""
-    for kind in ("maxpool", "maxpool_overlapping"):
+    offsets (a ConvTranspose); overlapping windows must still add up. (Windows that tile their
+    input take neither path: see the next test.)"""
+    for kind in ("maxpool_ragged", "maxpool_overlapping"):
         old, new = case(f"layer:{kind}", 15).compiled, case(f"layer:{kind}", 16).compiled
         assert "ScatterElements" not in {n.op_type for n in old.train_step.graph.node}
         assert "ScatterElements" in {n.op_type for n in new.train_step.graph.node}
         feeds = train_feeds(new)
         for a, b in zip(run(new.train_step, feeds), run(old.train_step, feeds)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opset", [13, 16, DEFAULT_OPSET])
+def test_tiling_max_pooling_gradient_uses_no_indices_or_scatter(opset):
+    """2×2 windows over 6×6: the gradient comes from whole-tensor ops (Resize, Equal, MaxPool),
+    with no MaxPool Indices output and no ScatterElements. Its values: tests/test_ops.py (ties
+    included) and the torch parity of tests/test_parity_conv.py."""
+    graph = case("layer:maxpool", opset).compiled.train_step.graph
+    assert "ScatterElements" not in {n.op_type for n in graph.node}
+    assert all(len(n.output) == 1 for n in graph.node if n.op_type == "MaxPool")
+    assert "Resize" in {n.op_type for n in graph.node}
 
 
 # ---------------------------------------------------------------- the IR version
