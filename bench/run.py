@@ -10,7 +10,10 @@ Every peer runs in a worker process of its own (bench/peers/*_worker.py), JAX an
 onnxruntime-training with the Python of their own virtual environments (bench/setup_peers.sh).
 For each model and batch size the harness warms every peer up, sizes one round to about
 --round-seconds per peer, then runs --rounds rounds, the peers interleaved (a different order
-each round) so that load from other processes falls on all of them alike. It prints the median
+each round) so that load from other processes falls on all of them alike. Before each round it
+pauses --settle seconds: a peer's idle thread pool spins on after its round (ONNX Runtime's does),
+and without the pause that spinning lands on the next peer's round (measured: dlnc and
+onnxruntime-training each lost 5–15 % when run side by side; bench/NOTES.md section 14). It prints the median
 steps/s, the ratios, dlnc's achieved GFLOP/s and its fraction of the numpy float32 matmul peak,
 then compile time per example, inference latency per batch, and the peak RSS of every worker.
 """
@@ -227,6 +230,7 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
     r = 0
     while r < args.rounds or (r < args.max_rounds and not enough_quiet()):
         for peer in order[r % max(len(order), 1):] + order[:r % max(len(order), 1)]:
+            time.sleep(args.settle)     # the last peer's idle pool threads stop spinning before this round
             before, start = others_cpu_seconds(exclude), time.perf_counter()
             reply = workers[peer].ask(op="time", steps=steps[peer])
             after, elapsed = others_cpu_seconds(exclude), time.perf_counter() - start
@@ -429,6 +433,9 @@ def main(argv=None) -> int:
                         help="run up to this many rounds until every peer has --rounds quiet ones; each peer's "
                              "median is over its --rounds least disturbed rounds")
     parser.add_argument("--round-seconds", type=float, default=0.4)
+    parser.add_argument("--settle", type=float, default=0.05,
+                        help="seconds to pause before each timed round, so that the previous peer's idle "
+                             "thread pools stop spinning (ONNX Runtime's spin on after a run)")
     parser.add_argument("--jax-sync", action="store_true",
                         help="JAX reads the loss back every step, as dlnc and onnxruntime-training do "
                              "(default: once a round, keeping JAX's asynchronous dispatch)")
@@ -437,6 +444,7 @@ def main(argv=None) -> int:
     args.warmup, args.min_steps, args.peak_n, args.compile_repeats, args.infer_reps = 30, 5, 2048, 3, 50
     if args.quick:
         args.rounds, args.max_rounds, args.round_seconds, args.warmup, args.min_steps = 1, 1, 0.05, 3, 3
+        args.settle = 0.0
         args.peak_n, args.compile_repeats, args.infer_reps = 512, 1, 3
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
