@@ -7,17 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, with_epochs, write
-from runtime import checkpoint, run
+import conftest
+from conftest import EXAMPLES, crash_after, with_epochs, write
+from runtime import checkpoint
 from runtime.files import write_atomic
 
-TINY = """model tiny
-data { source "iris"; split train=0.6 dev=0.2 test=0.2; normalize }
-input x: float[4]
-output y: class[3]
-layers { hidden: dense 8 tanh; dense 3 softmax }
-train { optimizer adam lr=0.05; batch_size 16; epochs 12; seed 3 }
-"""
+TINY = with_epochs(conftest.TINY, 12)
 
 # dropout noise, batchnorm buffers, momentum slots, decay and early stopping: all must resume exactly
 RICH = """model rich
@@ -36,17 +31,6 @@ train {
 }
 """
 
-
-
-def crash_after(monkeypatch, epoch: int) -> None:
-    """Make the run stop like a crash right after the checkpoint of `epoch` is written."""
-    original = run.Checkpointer.__call__
-
-    def call(self, snap):
-        original(self, snap)
-        if snap.epoch == epoch:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(run.Checkpointer, "__call__", call)
 
 
 def weights(out: Path) -> dict[str, np.ndarray]:

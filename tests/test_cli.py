@@ -12,17 +12,10 @@ import onnx
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from conftest import write
+from conftest import TINY, write
 from dsl.errors import DlnError
 
 
-TINY = """model tiny
-data { source "iris"; split train=0.6 dev=0.2 test=0.2; normalize }
-input x: float[4]
-output y: class[3]
-layers { hidden: dense 8 tanh; dense 3 softmax }
-train { optimizer adam lr=0.05; batch_size 16; epochs 20; seed 3 }
-"""
 
 NPZ_PROGRAM = """model from_npz
 data { source "train.npz"; split train=0.5 dev=0.25 test=0.25 }

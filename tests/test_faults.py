@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import crash_after
 from runtime import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,13 +144,7 @@ def interrupted_run(tmp_path: Path, dlnc, monkeypatch, epochs: int = 8, stop_aft
     from runtime import run
     program = make_program(tmp_path, epochs=epochs)
     out = tmp_path / "run"
-    original = run.Checkpointer.__call__
-
-    def crash_after(self, snap):
-        original(self, snap)
-        if snap.epoch == stop_after:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(run.Checkpointer, "__call__", crash_after)
+    original = crash_after(monkeypatch, stop_after)
     assert dlnc("run", program, "-o", out, "--threads", "1", "--checkpoint-interval", "0", "--quiet").code == 130
     monkeypatch.setattr(run.Checkpointer, "__call__", original)
     assert checkpoint.latest(out / checkpoint.FOLDER).epoch == stop_after
