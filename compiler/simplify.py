@@ -128,7 +128,57 @@ def eliminate_dead_nodes(graph: Graph) -> Graph:
     return replace(graph, nodes=tuple(reversed(kept)))
 
 
-PASSES = (fold_constants, apply_identities, eliminate_common_subexpressions, eliminate_dead_nodes)
+def _positive_mask_of(producers: dict[str, Node], value: Value) -> Value | None:
+    """x where value is cast(greater(x, 0)), the mask of ReLU's gradient; else None."""
+    cast = producers.get(value.name)
+    greater = producers.get(cast.inputs[0].name) if cast is not None and cast.op == "cast" else None
+    if greater is None or greater.op != "greater" or not _is_scalar_const(producers, greater.inputs[1], 0.0):
+        return None
+    return greater.inputs[0]
+
+
+def mask_before_unpooling(graph: Graph) -> Graph:
+    """maxpool_grad(g, x, y) · [x > 0]  →  maxpool_grad(g · [y > 0], x, y).
+
+    maxpool_grad is non-zero only where x is its window's maximum, and there [x > 0] = [y > 0]: the
+    mask of a ReLU in front of the pool can be applied to the pooled gradient, kh·kw times smaller.
+    Taken only where the maxpool_grad has no other use (it would otherwise stay computed as well).
+    """
+    producers = graph.producers()
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        for v in node.inputs:
+            uses[v.name] = uses.get(v.name, 0) + 1
+    taken = {v.name for v in graph.inputs} | set(producers)
+    nodes, changed = [], False
+    for node in graph.nodes:
+        if node.op == "mul":
+            for unpooled, mask in (node.inputs, node.inputs[::-1]):
+                pool = producers.get(unpooled.name)
+                if pool is None or pool.op != "maxpool_grad" or uses.get(unpooled.name) != 1:
+                    continue
+                g, x, y = pool.inputs
+                if _positive_mask_of(producers, mask) != x or mask.shape != x.shape:
+                    continue
+                stem = node.output.name
+                names = [f"{stem}.{part}" for part in ("pooled_positive", "pooled_mask", "pooled_grad")]
+                if taken & set(names):
+                    continue
+                positive = Value(names[0], "bool", y.shape)
+                pooled_mask = Value(names[1], g.dtype, y.shape)
+                masked = Value(names[2], g.dtype, g.shape)
+                zero = producers[producers[mask.name].inputs[0].name].inputs[1]
+                nodes += [Node("greater", (y, zero), positive),
+                          Node("cast", (positive,), pooled_mask, {"dtype": g.dtype}),
+                          Node("mul", (g, pooled_mask), masked)]
+                node, changed = Node("maxpool_grad", (masked, x, y), node.output, dict(pool.attrs)), True
+                break
+        nodes.append(node)
+    return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if changed else graph
+
+
+PASSES = (fold_constants, apply_identities, eliminate_common_subexpressions, eliminate_dead_nodes,
+          mask_before_unpooling)
 
 
 def simplify(graph: Graph, max_rounds: int = 10) -> Graph:
