@@ -226,3 +226,28 @@ def test_onnxruntime_agrees_with_reference(case):
     rtol, atol = (1e-5, 1e-5) if float32 else (1e-9, 1e-12)
     for got, want in zip(session.run(None, feeds), expected):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def test_relu_mask_moves_before_max_unpooling():
+    """relu → tiling maxpool: simplify applies the ReLU mask to the pooled gradient
+    (`mask_before_unpooling`), and the gradient still goes to each window's first maximum, and
+    only where that maximum is positive (windows of zeros after the ReLU, and positive ties)."""
+    x, _ = TIES
+    z = np.where(x == 0, -np.random.default_rng(6).uniform(0.1, 1.0, size=x.shape), x)
+    b = Builder("float64")
+    zin = b.input("z", z.shape)
+    y = b.op("maxpool", b.op("relu", zin), **window(2, 2))
+    r = np.random.default_rng(7).normal(size=y.shape)
+    f = b.op("reduce_sum", b.mul(y, b.const(r)), axes=None, keepdims=False, name="f")
+    graph = simplify(b.graph("check", list(grad(b, f, [zin]).values())))
+    producers = graph.producers()
+    (unpool,) = [n for n in graph.nodes if n.op == "maxpool_grad"]
+    assert producers[unpool.inputs[0].name].op == "mul"                    # the pooled gradient, masked
+    assert not [n for n in graph.nodes if n.op == "greater" and n.inputs[0].shape == z.shape]
+    (dz,) = ReferenceEvaluator(to_onnx(graph, opset=17)).run(None, {"z": z})
+    a = np.maximum(z, 0.0)
+    windows = a.reshape(2, 2, 2, 2, 3, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 2, 2, 3, 4)
+    picked = np.zeros_like(windows)
+    np.put_along_axis(picked, windows.argmax(-1)[..., None], np.where(windows.max(-1) > 0, r, 0.0)[..., None], -1)
+    expected = picked.reshape(2, 2, 2, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(z.shape)
+    np.testing.assert_array_equal(dz, expected)
