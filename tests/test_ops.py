@@ -105,6 +105,10 @@ CASES = [
     Case("conv", ((2, 1, 8, 8), (2, 1, 2, 3)), conv((3, 2), (1, 0, 0, 1)), id="conv-no-bias-rect-stride3"),
     Case("conv_transpose", ((2, 4, 3, 3), (4, 3, 3, 3)), {**conv(2, 1), "output_padding": (1, 0)}),
     Case("conv_filter_grad", ((2, 3, 6, 5), (2, 4, 3, 2)), {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3)}),
+    # one input channel (the first layer on grey images): the transposed-tensor Conv is a single image
+    Case("conv_filter_grad", ((2, 1, 7, 6), (2, 3, 3, 2)), {**conv((2, 3), (1, 0, 0, 1)), "kernel": (3, 2)},
+         id="conv_filter_grad-one-channel-unread"),
+    Case("conv", (("N", 1, 6, 6), (3, 1, 4, 4), (3,)), conv(1, (1, 1, 2, 2)), id="conv-one-channel-same-even"),
     # pooling (no padding): overlapping windows (stride < size), odd sizes that leave rows unread
     Case("maxpool", (("N", 2, 7, 7),), window(3, 2), id="maxpool-overlapping"),
     Case("maxpool", ((2, 2, 5, 5),), window(2, 2), id="maxpool-2x2-odd"),
