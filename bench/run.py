@@ -46,15 +46,25 @@ PEER_MODELS: dict[str, set[str]] = {}          # the models a peer implements (d
 INFER_BATCHES = (1, 32, 128, 512)
 QUIET = 0.1          # cores: a timed round during which other processes used less is "quiet"
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;"
+# glibc's malloc maps every block over its mmap threshold (128 KiB at first, raised as such blocks
+# are freed) with mmap and returns free heap tops above its trim threshold to the kernel, so a
+# step's large temporaries can be mapped, faulted in page by page, and unmapped again every step,
+# or not, as the allocation history of the process happens to go. PyTorch's CPU allocator calls
+# malloc for every tensor: its LeNet-5 ran 235 steps/s with 1366 page faults a step and 362 with
+# none (bench/NOTES.md section 16). Every worker gets these two settings, so that no peer's speed
+# depends on that history; --stock-malloc leaves glibc as it is.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 # ---------------------------------------------------------------- workers
 class Worker:
     """One peer's worker process, spoken to with bench/peers/protocol.py's JSON lines."""
 
-    def __init__(self, peer: str, python: str, threads: int):
+    def __init__(self, peer: str, python: str, threads: int, steady_malloc: bool = True):
         env = dict(os.environ)
         env["PYTHONPATH"] = str(BENCH / "peers")
+        if steady_malloc:
+            env.update(STEADY_MALLOC)
         if peer == "jax":
             env.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
                                         f"intra_op_parallelism_threads={threads}")
@@ -107,6 +117,7 @@ class PeerResult:
     peak_rss_mb: float | None = None
     info: dict = field(default_factory=dict)
     infer_s: dict = field(default_factory=dict)
+    faults_per_step: float | None = None   # minor page faults per training step (median of the rounds kept)
 
 
 @dataclass
@@ -196,7 +207,7 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
         if python is None:
             results[peer].reason = "not installed (bench/setup_peers.sh)"
             continue
-        worker = pool.pop(peer, None) or Worker(peer, python, args.threads)
+        worker = pool.pop(peer, None) or Worker(peer, python, args.threads, not args.stock_malloc)
         reply = worker.ask(op="setup", model=model, batch=batch, threads=args.threads, path=str(path),
                            arch=arch, device=args.device, sync_every_step=args.jax_sync)
         if not reply["ok"]:
@@ -222,10 +233,10 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
         steps[peer] = max(args.min_steps, int(args.round_seconds / max(per_step, 1e-9)))
     order = list(workers)
     exclude = {os.getpid()} | {w.proc.pid for w in workers.values()}
-    timed: dict[str, list[tuple[float, float]]] = {peer: [] for peer in workers}   # (others' load, steps/s)
+    timed: dict[str, list[tuple[float, float, float]]] = {peer: [] for peer in workers}   # (others' load, steps/s, faults/step)
 
     def enough_quiet() -> bool:
-        return all(sum(1 for load, _ in timed[p] if load < QUIET) >= args.rounds for p in workers)
+        return all(sum(1 for load, _, _ in timed[p] if load < QUIET) >= args.rounds for p in workers)
 
     r = 0
     while r < args.rounds or (r < args.max_rounds and not enough_quiet()):
@@ -237,13 +248,14 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
             if reply["ok"]:
                 # /proc counts in 10 ms ticks: ± 0.03 cores over a 0.4 s round
                 load = max(0.0, (after - before) / elapsed) if before is not None and after is not None else 0.0
-                timed[peer].append((load, steps[peer] / reply["seconds"]))
+                timed[peer].append((load, steps[peer] / reply["seconds"], reply.get("faults", 0) / steps[peer]))
         r += 1
     loads = []
     for peer, runs in timed.items():
         chosen = sorted(runs, key=lambda run: run[0])[:args.rounds]     # the least disturbed rounds
-        results[peer].rounds = [rate for _, rate in chosen]
-        loads += [load for load, _ in chosen]
+        results[peer].rounds = [rate for _, rate, _ in chosen]
+        results[peer].faults_per_step = statistics.median(faults for _, _, faults in chosen) if chosen else None
+        loads += [load for load, _, _ in chosen]
     load = statistics.mean(loads) if loads else None
     for peer, worker in workers.items():
         result = results[peer]
@@ -305,6 +317,10 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
                  f"{'--quick smoke test: one short round, the timings mean nothing' if args.quick else f'after warm-up, the median of each peer’s {args.rounds} least disturbed rounds of up to {args.max_rounds}'}")
     lines.append(f"float32 matmul peak (numpy, {args.peak_n}×{args.peak_n}, median of 5): {peak:.1f} GFLOP/s"
                  + (f"   [note: {openblas} set; unset them for the reference peak]" if openblas else ""))
+    lines.append("glibc malloc: " + ("as installed (--stock-malloc): a peer's speed may depend on its allocation history"
+                                     if args.stock_malloc else
+                                     "every worker with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 256 MiB "
+                                     "(no per-step mmap and page faults; --stock-malloc to leave glibc as it is)"))
     if args.device == "cuda":
         lines.append("note: --device cuda; the peak above is the CPU's, so '% peak' compares against the CPU")
     lines.append("")
@@ -339,6 +355,13 @@ def render(configs: list[ConfigResult], peers: list[str], peak: float, compile_r
     if notes:
         lines.append("")
         lines += notes
+    lines.append("")
+    lines.append("minor page faults per training step (median of the rounds kept):")
+    rows = [["model", "batch"] + [PEER_TITLES[p] for p in peers]]
+    for c in configs:
+        rows.append([c.model, str(c.batch)] + [f"{c.peers[p].faults_per_step:.0f}" if c.peers[p].faults_per_step is not None
+                                               else "—" for p in peers])
+    lines += table(rows)
     # goals (issue 7)
     lines.append("")
     lines.append("goals:")
@@ -439,6 +462,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jax-sync", action="store_true",
                         help="JAX reads the loss back every step, as dlnc and onnxruntime-training do "
                              "(default: once a round, keeping JAX's asynchronous dispatch)")
+    parser.add_argument("--stock-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds as installed (default: STEADY_MALLOC in every worker)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.warmup, args.min_steps, args.peak_n, args.compile_repeats, args.infer_reps = 30, 5, 2048, 3, 50
@@ -477,6 +502,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "threads": args.threads, "device": args.device, "peak_gflops": peak,
+            "malloc": "stock" if args.stock_malloc else STEADY_MALLOC,
             "configs": [{"model": c.model, "batch": c.batch, "train_flops": c.train_flops, "others_load": c.others_load,
                          "peers": {p: vars(r) for p, r in c.peers.items()}} for c in results],
             "compile": [{"example": n, "seconds": s, "note": w} for n, s, w in compile_rows]}, indent=1, default=str))

@@ -9,7 +9,8 @@ JSON object per line on stdout:
 
     {"op": "setup", "model": "mlp", "batch": 32, "threads": 2, "arch": {...}}
         -> {"ok": true, "info": {...}} | {"ok": false, "reason": "not available yet: ..."}
-    {"op": "time", "steps": N}     -> {"ok": true, "seconds": S, "loss": J}   N training steps
+    {"op": "time", "steps": N}     -> {"ok": true, "seconds": S, "loss": J, "faults": F}   N training steps
+                                      (F: the minor page faults the process took meanwhile)
     {"op": "infer", "batch": B, "reps": R} -> {"ok": true, "seconds": S}      R forward passes
     {"op": "rss"}                  -> {"ok": true, "peak_rss_mb": M}
     {"op": "quit"}
@@ -70,10 +71,12 @@ def serve(setup, infer=None) -> None:
                 reply = {"ok": True, "info": info}
             elif op == "time":
                 n = int(request["steps"])
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 loss = step(n)
                 seconds = time.perf_counter() - start
-                reply = {"ok": True, "seconds": seconds, "loss": float(loss)}
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                reply = {"ok": True, "seconds": seconds, "loss": float(loss), "faults": faults}
             elif op == "infer":
                 if infer is None:
                     raise NotAvailable("no inference path")
