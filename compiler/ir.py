@@ -62,7 +62,8 @@ OPS: Mapping[str, str] = {
             "b (F,) optional; attrs strides, pads",
     "conv_transpose": "the adjoint of conv in x: y = (∂conv/∂x)ᵀ·x, x (m, F, Ho, Wo), w (F, C, kh, kw) → "
                       "(m, C, H, W); attrs strides, pads, output_padding (the rows/columns conv never read)",
-    "conv_filter_grad": "the adjoint of conv in w: y[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·sh + i, "
+    "conv_filter_grad": "the adjoint of conv in w (attr batch: the mini-batch size it is compiled for, or None): "
+                        "y[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·sh + i, "
                         "q·sw + j], x (m, C, H, W), g (m, F, Ho, Wo) → (F, C, kh, kw); attrs strides, pads, kernel",
     "maxpool": "y = max of x over each kh×kw window, attrs kernel, strides (no padding)",
     "maxpool_argmax": "the flat index into x (over all of x, batch and channel included) of each window's first "
@@ -173,6 +174,7 @@ class Builder:
         self._names: set[str] = set()
         self._counter = itertools.count()
         self.scope: str | None = None       # the layer being lowered: unnamed values are `scope.op`
+        self.batch: int | None = None       # the mini-batch size a training step is compiled for (None: unknown)
 
     def fresh(self, hint: str) -> str:
         name = hint

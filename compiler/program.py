@@ -151,6 +151,7 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
     frozen = _check_freeze(program)
     ctx = _new_context(program, training=True, dtype=dtype, vocab=vocab, steps=steps)
     b = ctx.b
+    b.batch = program.train.batch_size if isinstance(program.train.batch_size, int) else None
     x = _input(ctx)
     out = program.output
     y_shape = {"real": ("N", out.size), "tokens": ("N", ctx.steps)}.get(out.kind, ("N",))

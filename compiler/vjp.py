@@ -267,7 +267,7 @@ def vjp_conv(b, g, node):
     attrs, kernel = _conv_attrs(node), tuple(w.shape[2:])
     dx = b.op("conv_transpose", g, w, **attrs,
               output_padding=_output_padding(x, kernel, attrs["strides"], attrs["pads"]))
-    dw = b.op("conv_filter_grad", x, g, **attrs, kernel=kernel)
+    dw = b.op("conv_filter_grad", x, g, **attrs, kernel=kernel, batch=b.batch)
     db = [b.op("reduce_sum", g, axes=(0, 2, 3), keepdims=False)] if bias else []
     return (dx, dw, *db)
 
