@@ -281,12 +281,12 @@ def emit_conv_filter_grad(ctx, node):
     for (attr batch), else as one sum over the images: an If on the batch size where that size is
     only known at run time (the last mini-batch of an epoch may be smaller)."""
     x, g = node.inputs
-    batch, out = node.attr("batch"), node.output.name
-    if batch is None or x.shape[0] not in (batch, "N"):
+    batch, rows, out = node.attr("batch"), x.shape[0], node.output.name
+    if batch is None or (isinstance(rows, int) and rows != batch):
         _filter_grad(ctx, node, out, None)
-    elif x.shape[0] == batch:
+    elif rows == batch:
         _filter_grad(ctx, node, out, batch)
-    else:
+    else:                                   # a symbolic batch
         n = ctx.node("Gather", [ctx.node("Shape", [g.name], f"{out}.g_shape"),
                                 ctx.const(np.asarray(0, dtype=np.int64), "const.zero_index")], f"{out}.n")
         compiled = ctx.node("Equal", [n, ctx.const(np.asarray(batch, dtype=np.int64), f"const.{out}.batch")],
@@ -305,7 +305,7 @@ def _filter_grad(ctx: EmitContext, node: Node, out: str, batch: int | None) -> s
       batch None: the filters gᵀ (F, N, Ho, Wo), so the Conv sums over the images: (C, F, kh, kw), transposed back;
       batch = N:  one group per image, the filters g as (N·F, 1, Ho, Wo): (C, N·F, kh, kw), summed over the images
                   after. ONNX Runtime spreads the groups over its threads, where the summing Conv of a
-                  one-channel input is a single image on one: LeNet-5's step +12 % on 2 threads, unchanged on 1
+                  one-channel input is a single image on one: LeNet-5's step +7 % on 2 threads, unchanged on 1
                   (bench/NOTES.md section 17).
     The rows after the last window (r = (H + p − kh) mod s) are left out: first from the end padding, then
     cropped from x, so the output is exactly kh × kw. Returns the name of the result (`out`)."""

@@ -128,13 +128,13 @@ def eliminate_dead_nodes(graph: Graph) -> Graph:
     return replace(graph, nodes=tuple(reversed(kept)))
 
 
-def _positive_mask_of(producers: dict[str, Node], value: Value) -> Value | None:
-    """x where value is cast(greater(x, 0)), the mask of ReLU's gradient; else None."""
+def _positive_mask_test(producers: dict[str, Node], value: Value) -> Node | None:
+    """The node greater(x, 0) where value is cast(greater(x, 0)), the mask of ReLU's gradient; else None."""
     cast = producers.get(value.name)
     greater = producers.get(cast.inputs[0].name) if cast is not None and cast.op == "cast" else None
     if greater is None or greater.op != "greater" or not _is_scalar_const(producers, greater.inputs[1], 0.0):
         return None
-    return greater.inputs[0]
+    return greater
 
 
 def mask_before_unpooling(graph: Graph) -> Graph:
@@ -158,7 +158,8 @@ def mask_before_unpooling(graph: Graph) -> Graph:
                 if pool is None or pool.op != "maxpool_grad" or uses.get(unpooled.name) != 1:
                     continue
                 g, x, y = pool.inputs
-                if _positive_mask_of(producers, mask) != x or mask.shape != x.shape:
+                test = _positive_mask_test(producers, mask)
+                if test is None or test.inputs[0] != x or mask.shape != x.shape:
                     continue
                 stem = node.output.name
                 names = [f"{stem}.{part}" for part in ("pooled_positive", "pooled_mask", "pooled_grad")]
@@ -167,8 +168,7 @@ def mask_before_unpooling(graph: Graph) -> Graph:
                 positive = Value(names[0], "bool", y.shape)
                 pooled_mask = Value(names[1], g.dtype, y.shape)
                 masked = Value(names[2], g.dtype, g.shape)
-                zero = producers[producers[mask.name].inputs[0].name].inputs[1]
-                nodes += [Node("greater", (y, zero), positive),
+                nodes += [Node("greater", (y, test.inputs[1]), positive),
                           Node("cast", (positive,), pooled_mask, {"dtype": g.dtype}),
                           Node("mul", (g, pooled_mask), masked)]
                 node, changed = Node("maxpool_grad", (masked, x, y), node.output, dict(pool.attrs)), True
