@@ -224,9 +224,13 @@ def emit_one_hot(ctx, node):
 @emit("batch_count")
 def emit_batch_count(ctx, node):
     out = node.output.name
-    shape = ctx.node("Shape", [node.inputs[0].name], f"{out}.shape")
-    first = ctx.node("Gather", [shape, ctx.const(np.asarray(0, dtype=np.int64), "const.zero_index")], f"{out}.m")
-    ctx.node("Cast", [first], out, to=ONNX_DTYPES[node.attr("dtype")])
+    ctx.node("Cast", [_batch_size(ctx, node.inputs[0], out)], out, to=ONNX_DTYPES[node.attr("dtype")])
+
+
+def _batch_size(ctx: EmitContext, value: Value, out: str) -> str:
+    """The length of value's first axis, read at run time: an int64 scalar named `out.n`."""
+    shape = ctx.node("Shape", [value.name], f"{out}.shape")
+    return ctx.node("Gather", [shape, ctx.const(np.asarray(0, dtype=np.int64), "const.zero_index")], f"{out}.n")
 
 
 @emit("softmax_cross_entropy")
@@ -277,55 +281,56 @@ def emit_conv_transpose(ctx, node):
 
 @emit("conv_filter_grad")
 def emit_conv_filter_grad(ctx, node):
-    """The filter gradient grouped by image where the mini-batch has the size the step is compiled
-    for (attr batch), else as one sum over the images: an If on the batch size where that size is
-    only known at run time (the last mini-batch of an epoch may be smaller)."""
-    x, g = node.inputs
-    batch, rows, out = node.attr("batch"), x.shape[0], node.output.name
-    if batch is None or (isinstance(rows, int) and rows != batch):
-        _filter_grad(ctx, node, out, None)
-    elif rows == batch:
-        _filter_grad(ctx, node, out, batch)
-    else:                                   # a symbolic batch
-        n = ctx.node("Gather", [ctx.node("Shape", [g.name], f"{out}.g_shape"),
-                                ctx.const(np.asarray(0, dtype=np.int64), "const.zero_index")], f"{out}.n")
-        compiled = ctx.node("Equal", [n, ctx.const(np.asarray(batch, dtype=np.int64), f"const.{out}.batch")],
-                            f"{out}.is_compiled_batch")
-        branches = {}
-        for branch, group in (("then_branch", batch), ("else_branch", None)):
-            inner = EmitContext(ctx.opset, initializers=ctx.initializers, producers=ctx.producers)
-            result = _filter_grad(inner, node, f"{out}.{'by_image' if group else 'summed'}", group)
-            branches[branch] = helper.make_graph(inner.nodes, f"{out}.{branch}", [], [value_info(replace(node.output, name=result))])
-        ctx.nodes.append(helper.make_node("If", [compiled], [out], name=out, **branches))
-
-
-def _filter_grad(ctx: EmitContext, node: Node, out: str, batch: int | None) -> str:
     """dw[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·s + i, q·s + j]: a convolution of xᵀ (C, N, H, W),
-    the images as channels, with g's maps as filters dilated by the stride. Either
-      batch None: the filters gᵀ (F, N, Ho, Wo), so the Conv sums over the images: (C, F, kh, kw), transposed back;
-      batch = N:  one group per image, the filters g as (N·F, 1, Ho, Wo): (C, N·F, kh, kw), summed over the images
-                  after. ONNX Runtime spreads the groups over its threads, where the summing Conv of a
-                  one-channel input is a single image on one: LeNet-5's step +7 % on 2 threads, unchanged on 1
-                  (bench/NOTES.md section 17).
-    The rows after the last window (r = (H + p − kh) mod s) are left out: first from the end padding, then
-    cropped from x, so the output is exactly kh × kw. Returns the name of the result (`out`)."""
+    the images as channels, with g's maps as filters dilated by the stride (`_filter_grad_conv`).
+    Grouped by image where the mini-batch has the size the step is compiled for (attr batch), else one
+    sum over the images; an If on the batch size where that size is only known at run time (the last
+    mini-batch of an epoch may be smaller). The rows after the last window (r = (H + p − kh) mod s)
+    are left out: first from the end padding, then cropped from x, so the output is exactly kh × kw."""
     x, g = node.inputs
+    out, batch, rows = node.output.name, node.attr("batch"), x.shape[0]
     (sh, sw), (top, left, bottom, right) = node.attr("strides"), node.attr("pads")
-    (kh, kw), (channels, h, w), filters = node.attr("kernel"), (int(d) for d in x.shape[1:]), int(g.shape[1])
-    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
+    (kh, kw), (h, w) = node.attr("kernel"), (int(x.shape[2]), int(x.shape[3]))
     extra_h, extra_w = (h + top + bottom - kh) % sh, (w + left + right - kw) % sw
     crop_h, crop_w = max(extra_h - bottom, 0), max(extra_w - right, 0)
     source = x.name
     if crop_h or crop_w:
-        source = ctx.node("Slice", [x.name, i64([0, 0], "starts"), i64([h - crop_h, w - crop_w], "ends"),
+        source = ctx.node("Slice", [x.name, ctx.const(np.asarray([0, 0], np.int64), f"const.{out}.starts"),
+                                    ctx.const(np.asarray([h - crop_h, w - crop_w], np.int64), f"const.{out}.ends"),
                                     ctx.axes([2, 3], f"{out}.crop")], f"{out}.cropped")
     xt = ctx.node("Transpose", [source], f"{out}.xT", perm=[1, 0, 2, 3])
     conv = {"kernel_shape": [int(d) for d in g.shape[2:]], "dilations": [sh, sw], "strides": [1, 1],
             "pads": [top, left, bottom - (extra_h - crop_h), right - (extra_w - crop_w)]}
+    if batch is None or (isinstance(rows, int) and rows != batch):
+        _filter_grad_conv(ctx, node, xt, conv, out, None)
+    elif rows == batch:
+        _filter_grad_conv(ctx, node, xt, conv, out, batch)
+    else:                                   # a symbolic batch
+        compiled = ctx.node("Equal", [_batch_size(ctx, g, out), ctx.const(np.asarray(batch, dtype=np.int64),
+                                                                           f"const.{out}.batch")],
+                            f"{out}.is_compiled_batch")
+        branches = {}
+        for branch, group in (("then_branch", batch), ("else_branch", None)):
+            inner = EmitContext(ctx.opset, initializers=ctx.initializers, producers=ctx.producers)
+            result = _filter_grad_conv(inner, node, xt, conv, f"{out}.{'by_image' if group else 'summed'}", group)
+            branches[branch] = helper.make_graph(inner.nodes, f"{out}.{branch}", [], [value_info(replace(node.output, name=result))])
+        ctx.nodes.append(helper.make_node("If", [compiled], [out], name=out, **branches))
+
+
+def _filter_grad_conv(ctx: EmitContext, node: Node, xt: str, conv: dict, out: str, batch: int | None) -> str:
+    """The Conv of xᵀ (C, N, H, W) with g's maps as filters, into dw (F, C, kh, kw) named `out`. Either
+      batch None: the filters gᵀ (F, N, Ho, Wo), so the Conv sums over the images: (C, F, kh, kw), transposed back;
+      batch = N:  one group per image, the filters g as (N·F, 1, Ho, Wo): (C, N·F, kh, kw), summed over the images
+                  after. ONNX Runtime spreads the groups over its threads, where the summing Conv of a
+                  one-channel input is a single image on one: LeNet-5's step +7 % on 2 threads, unchanged on 1
+                  (bench/NOTES.md section 17)."""
+    g = node.inputs[1]
+    (kh, kw), channels, filters = node.attr("kernel"), int(node.inputs[0].shape[1]), int(g.shape[1])
     if batch is None:
         gt = ctx.node("Transpose", [g.name], f"{out}.gT", perm=[1, 0, 2, 3])
         grad_t = ctx.node("Conv", [xt, gt], f"{out}.T", **conv)
     else:
+        i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
         per_image = ctx.node("Reshape", [g.name, i64([batch * filters, 1, *g.shape[2:]], "filters")], f"{out}.filters")
         grouped = ctx.node("Conv", [xt, per_image], f"{out}.per_image", group=batch, **conv)
         split = ctx.node("Reshape", [grouped, i64([channels, batch, filters, kh, kw], "split")], f"{out}.split")
@@ -369,7 +374,7 @@ def _argmax_by_windows(ctx: EmitContext, node: Node) -> str:
     spatial = ctx.node("Add", [ctx.node("Add", [row, ctx.node("Mod", [o, i64(kw, "kw")], f"{out}.j")],
                                         f"{out}.in_window"), i64(base, "base")], f"{out}.spatial")
     # (n·C + c)·H·W for every image and channel: Range over N·C, with N read at run time
-    batch = ctx.node("Gather", [ctx.node("Shape", [x.name], f"{out}.shape"), i64(0, "zero")], f"{out}.n")
+    batch = _batch_size(ctx, x, out)
     planes = ctx.node("Range", [i64(0, "zero"), ctx.node("Mul", [batch, i64(channels, "channels")],
                                                           f"{out}.planes_count"), i64(1, "one")], f"{out}.planes")
     plane_start = ctx.node("Mul", [ctx.node("Reshape", [planes, i64([-1, channels, 1], "planes_shape")],
