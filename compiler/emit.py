@@ -281,14 +281,19 @@ def emit_conv_transpose(ctx, node):
 
 @emit("conv_filter_grad")
 def emit_conv_filter_grad(ctx, node):
-    """dw[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·s + i, q·s + j]: a convolution of xᵀ (C, N, H, W),
-    the images as channels, with g's maps as filters dilated by the stride (`_filter_grad_conv`).
-    Grouped by image where the mini-batch has the size the step is compiled for (attr batch), else one
-    sum over the images; an If on the batch size where that size is only known at run time (the last
-    mini-batch of an epoch may be smaller). The rows after the last window (r = (H + p − kh) mod s)
-    are left out: first from the end padding, then cropped from x, so the output is exactly kh × kw."""
-    x, g = node.inputs
-    out, batch, rows = node.output.name, node.attr("batch"), x.shape[0]
+    _emit_filter_grad(ctx, node, node.inputs[1], node.attr("strides"), node.output)
+
+
+def _emit_filter_grad(ctx: EmitContext, node: Node, g: Value, dilations, result: Value) -> None:
+    """result[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·dh + i, q·dw + j] with x = node's first input,
+    padded by node's pads: a convolution of xᵀ (C, N, H, W), the images as channels, with g's maps as filters
+    dilated by (dh, dw) (`_filter_grad_conv`); conv_filter_grad's g at the conv's strides, or the pooled
+    gradients of conv_filter_grad_pooled. Grouped by image where the mini-batch has the size the step is
+    compiled for (node attr batch), else one sum over the images; an If on the batch size where that size is
+    only known at run time (the last mini-batch of an epoch may be smaller). The rows after the conv's last
+    window (r = (H + p − kh) mod s) are left out: first from the end padding, then cropped from x."""
+    x = node.inputs[0]
+    out, batch, rows = result.name, node.attr("batch"), x.shape[0]
     (sh, sw), (top, left, bottom, right) = node.attr("strides"), node.attr("pads")
     (kh, kw), (h, w) = node.attr("kernel"), (int(x.shape[2]), int(x.shape[3]))
     extra_h, extra_w = (h + top + bottom - kh) % sh, (w + left + right - kw) % sw
@@ -298,13 +303,18 @@ def emit_conv_filter_grad(ctx, node):
         source = ctx.node("Slice", [x.name, ctx.const(np.asarray([0, 0], np.int64), f"const.{out}.starts"),
                                     ctx.const(np.asarray([h - crop_h, w - crop_w], np.int64), f"const.{out}.ends"),
                                     ctx.axes([2, 3], f"{out}.crop")], f"{out}.cropped")
-    xt = ctx.node("Transpose", [source], f"{out}.xT", perm=[1, 0, 2, 3])
-    conv = {"kernel_shape": [int(d) for d in g.shape[2:]], "dilations": [sh, sw], "strides": [1, 1],
-            "pads": [top, left, bottom - (extra_h - crop_h), right - (extra_w - crop_w)]}
+    if x.shape[1] == 1:                     # (N, 1, H, W) → (1, N, H, W) moves no data
+        xt = ctx.node("Reshape", [source, ctx.const(np.asarray([1, -1, h - crop_h, w - crop_w], np.int64),
+                                                    f"const.{out}.xT")], f"{out}.xT")
+    else:
+        xt = ctx.node("Transpose", [source], f"{out}.xT", perm=[1, 0, 2, 3])
+    conv = {"kernel_shape": [int(d) for d in g.shape[2:]], "dilations": [int(d) for d in dilations],
+            "strides": [1, 1], "pads": [top, left, bottom - (extra_h - crop_h), right - (extra_w - crop_w)]}
+    size = tuple(int(d) for d in result.shape[2:])
     if batch is None or (isinstance(rows, int) and rows != batch):
-        _filter_grad_conv(ctx, node, xt, conv, out, None)
+        _filter_grad_conv(ctx, xt, g, size, conv, out, None)
     elif rows == batch:
-        _filter_grad_conv(ctx, node, xt, conv, out, batch)
+        _filter_grad_conv(ctx, xt, g, size, conv, out, batch)
     else:                                   # a symbolic batch
         compiled = ctx.node("Equal", [_batch_size(ctx, g, out), ctx.const(np.asarray(batch, dtype=np.int64),
                                                                            f"const.{out}.batch")],
@@ -312,20 +322,20 @@ def emit_conv_filter_grad(ctx, node):
         branches = {}
         for branch, group in (("then_branch", batch), ("else_branch", None)):
             inner = EmitContext(ctx.opset, initializers=ctx.initializers, producers=ctx.producers)
-            result = _filter_grad_conv(inner, node, xt, conv, f"{out}.{'by_image' if group else 'summed'}", group)
-            branches[branch] = helper.make_graph(inner.nodes, f"{out}.{branch}", [], [value_info(replace(node.output, name=result))])
+            name = _filter_grad_conv(inner, xt, g, size, conv, f"{out}.{'by_image' if group else 'summed'}", group)
+            branches[branch] = helper.make_graph(inner.nodes, f"{out}.{branch}", [], [value_info(replace(result, name=name))])
         ctx.nodes.append(helper.make_node("If", [compiled], [out], name=out, **branches))
 
 
-def _filter_grad_conv(ctx: EmitContext, node: Node, xt: str, conv: dict, out: str, batch: int | None) -> str:
-    """The Conv of xᵀ (C, N, H, W) with g's maps as filters, into dw (F, C, kh, kw) named `out`. Either
-      batch None: the filters gᵀ (F, N, Ho, Wo), so the Conv sums over the images: (C, F, kh, kw), transposed back;
-      batch = N:  one group per image, the filters g as (N·F, 1, Ho, Wo): (C, N·F, kh, kw), summed over the images
+def _filter_grad_conv(ctx: EmitContext, xt: str, g: Value, size: tuple[int, int], conv: dict, out: str,
+                      batch: int | None) -> str:
+    """The Conv of xᵀ (C, N, H, W) with g's maps as filters, into (F, C, *size) named `out`. Either
+      batch None: the filters gᵀ (F, N, Ho, Wo), so the Conv sums over the images: (C, F, *size), transposed back;
+      batch = N:  one group per image, the filters g as (N·F, 1, Ho, Wo): (C, N·F, *size), summed over the images
                   after. ONNX Runtime spreads the groups over its threads, where the summing Conv of a
                   one-channel input is a single image on one: LeNet-5's step +7 % on 2 threads, unchanged on 1
                   (bench/NOTES.md section 17)."""
-    g = node.inputs[1]
-    (kh, kw), channels, filters = node.attr("kernel"), int(node.inputs[0].shape[1]), int(g.shape[1])
+    filters = int(g.shape[1])
     if batch is None:
         gt = ctx.node("Transpose", [g.name], f"{out}.gT", perm=[1, 0, 2, 3])
         grad_t = ctx.node("Conv", [xt, gt], f"{out}.T", **conv)
@@ -333,9 +343,47 @@ def _filter_grad_conv(ctx: EmitContext, node: Node, xt: str, conv: dict, out: st
         i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
         per_image = ctx.node("Reshape", [g.name, i64([batch * filters, 1, *g.shape[2:]], "filters")], f"{out}.filters")
         grouped = ctx.node("Conv", [xt, per_image], f"{out}.per_image", group=batch, **conv)
-        split = ctx.node("Reshape", [grouped, i64([channels, batch, filters, kh, kw], "split")], f"{out}.split")
+        split = ctx.node("Reshape", [grouped, i64([-1, batch, filters, *size], "split")], f"{out}.split")
         grad_t = ctx.node("ReduceSum", [split, ctx.axes([1], f"{out}.images")], f"{out}.T", keepdims=0)
     return ctx.node("Transpose", [grad_t], out, perm=[1, 0, 2, 3])
+
+
+@emit("conv_filter_grad_pooled")
+def emit_conv_filter_grad_pooled(ctx, node):
+    """dw = conv_filter_grad(x, maxpool_grad(g, r, y)) without unpooling g. With (a, b) a place in the pool's
+    ph×pw window and g_ab = g·[the window's first maximum is at (a, b)] (pooled, `_first_maxima`):
+        dw[f, c, i, j] = Σ_ab Σ_{n,p,q} g_ab[n, f, p, q]·x_pad[n, c, (p·ph + a)·sh + i, (q·pw + b)·sw + j]
+    For each (a, b) that is the filter gradient of g_ab with the filters dilated by (ph·sh, pw·sw), read at
+    the offset (a·sh, b·sw). One filter-gradient Conv over the ph·pw·F maps g_ab gives all the offsets, an
+    (F', C, eh, ew) extent with eh = (ph − 1)·sh + kh, and a MatMul with a 0/1 matrix adds up the ph·pw
+    shifted kh × kw windows. Against unpooling first: no up(g) and no mask at full size, and kernels
+    ph·pw times smaller for the Conv to unroll (LeNet-5's first layer: bench/NOTES.md section 18)."""
+    x, g, r, y = node.inputs
+    out, dtype = node.output.name, np.dtype(g.dtype)
+    (ph, pw), (sh, sw), (kh, kw) = node.attr("pool"), node.attr("strides"), node.attr("kernel")
+    filters, channels, places = int(g.shape[1]), int(x.shape[1]), ph * pw
+    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
+    _, best = _first_maxima(ctx, r, y, (ph, pw), out)
+    keys = ctx.const(_window_keys(ph, pw).astype(dtype).reshape(1, places, 1, 1, 1), f"const.{out}.keys")
+    unsqueeze = lambda value, hint: ctx.node("Unsqueeze", [value, ctx.axes([1], f"{out}.places")], f"{out}.{hint}")
+    chosen = ctx.node("Cast", [ctx.node("Equal", [unsqueeze(best, "best5"), keys], f"{out}.is_place")],
+                      f"{out}.place", to=ONNX_DTYPES[g.dtype])
+    spread = ctx.node("Mul", [chosen, unsqueeze(g.name, "g5")], f"{out}.g_by_place")
+    by_place = Value(ctx.node("Reshape", [spread, i64([0, places * filters, *g.shape[2:]], "maps")], f"{out}.maps"),
+                     g.dtype, (g.shape[0], places * filters, *g.shape[2:]))
+    eh, ew = (ph - 1) * sh + kh, (pw - 1) * sw + kw
+    shifted = Value(f"{out}.shifted", g.dtype, (places * filters, channels, eh, ew))
+    _emit_filter_grad(ctx, node, by_place, (ph * sh, pw * sw), shifted)
+    # (ph·pw·F, C, eh, ew) → (F·C, ph·pw·eh·ew), then · S with S[(a, b, a·sh + i, b·sw + j), (i, j)] = 1
+    fold = np.zeros((ph, pw, eh, ew, kh, kw), dtype)
+    for a, b, i, j in np.ndindex(ph, pw, kh, kw):
+        fold[a, b, a * sh + i, b * sw + j, i, j] = 1
+    rows = ctx.node("Reshape", [shifted.name, i64([places, filters * channels, eh * ew], "rows")], f"{out}.rows")
+    rows = ctx.node("Transpose", [rows], f"{out}.rowsT", perm=[1, 0, 2])
+    rows = ctx.node("Reshape", [rows, i64([filters * channels, places * eh * ew], "flat")], f"{out}.flat")
+    summed = ctx.node("MatMul", [rows, ctx.const(fold.reshape(places * eh * ew, kh * kw), f"const.{out}.fold")],
+                      f"{out}.summed")
+    ctx.node("Reshape", [summed, i64([filters, channels, kh, kw], "shape")], out)
 
 
 @emit("maxpool")
@@ -387,34 +435,47 @@ def _argmax_by_windows(ctx: EmitContext, node: Node) -> str:
 def emit_maxpool_grad(ctx, node):
     """Windows that tile x, by whole-tensor ops only (MaxPool's Indices output and ScatterElements
     each run on one thread, and took a third of a LeNet-5 step):
-        hits  = [x = up(y)]                       every maximum of its window (ties included)
-        keyed = hits · key,  key[h, w] = kh·kw − (h mod kh)·kw − (w mod kw)
-        first = [keyed = up(MaxPool(keyed))]      the first maximum in row-major order: the largest key
-        dx    = first · up(g)
-    with up the nearest-neighbour upsampling by the window: Resize for float32, and for float64
-    (which ONNX Runtime's Resize lacks) an Expand of the (N, C, Ho, 1, Wo, 1) view, 8× slower."""
+        first = [keyed = up(best)]     the first maximum of each window (`_first_maxima`)
+        dx    = first · up(g)"""
     g, x, y = node.inputs
-    out, dtype = node.output.name, np.dtype(x.dtype)
-    (kh, kw), (_, channels, h, w) = node.attr("kernel"), x.shape
-    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
+    out, kernel = node.output.name, node.attr("kernel")
+    keyed, best = _first_maxima(ctx, x, y, kernel, out)
+    first = ctx.node("Cast", [ctx.node("Equal", [keyed, _upsample(ctx, best, x, kernel, f"{out}.best_up")], f"{out}.is_first")],
+                     f"{out}.first", to=ONNX_DTYPES[x.dtype])
+    ctx.node("Mul", [first, _upsample(ctx, g.name, x, kernel, f"{out}.g_up")], out)
 
-    def up(value: str, hint: str) -> str:
-        if dtype == np.float32:
-            return ctx.node("Resize", [value, "", ctx.const(np.array([1, 1, kh, kw], np.float32), f"const.{out}.scales")],
-                            f"{out}.{hint}", mode="nearest", coordinate_transformation_mode="asymmetric",
-                            nearest_mode="floor")
-        view = ctx.node("Reshape", [value, i64([-1, channels, h // kh, 1, w // kw, 1], "view")], f"{out}.{hint}_view")
-        spread = ctx.node("Expand", [view, i64([1, 1, 1, kh, 1, kw], "spread")], f"{out}.{hint}_spread")
-        return ctx.node("Reshape", [spread, i64([-1, channels, h, w], "shape")], f"{out}.{hint}")
-    rows, cols = np.meshgrid(np.arange(h) % kh, np.arange(w) % kw, indexing="ij")
-    key = ctx.const((kh * kw - rows * kw - cols).astype(dtype).reshape(1, 1, h, w), f"const.{out}.key")
-    hits = ctx.node("Cast", [ctx.node("Equal", [x.name, up(y.name, "y_up")], f"{out}.is_max")], f"{out}.hits",
-                    to=ONNX_DTYPES[x.dtype])
+
+def _window_keys(kh: int, kw: int) -> np.ndarray:
+    """key[a, b] = kh·kw − a·kw − b: larger for earlier places (a, b) of a kh×kw window, row-major."""
+    rows, cols = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+    return kh * kw - rows * kw - cols
+
+
+def _first_maxima(ctx: EmitContext, x: Value, y: Value, kernel, out: str) -> tuple[str, str]:
+    """(keyed, best) for y = maxpool(x) over windows that tile x:
+        hits  = [x = up(y)]           every maximum of its window (ties included)
+        keyed = hits · key            key tiled over x (`_window_keys`)
+        best  = MaxPool(keyed)        per window, the key of its first maximum in row-major order"""
+    (kh, kw), (_, _, h, w) = kernel, x.shape
+    key = ctx.const(np.tile(_window_keys(kh, kw), (h // kh, w // kw)).astype(np.dtype(x.dtype)).reshape(1, 1, h, w),
+                    f"const.{out}.key")
+    hits = ctx.node("Cast", [ctx.node("Equal", [x.name, _upsample(ctx, y.name, x, kernel, f"{out}.y_up")], f"{out}.is_max")],
+                    f"{out}.hits", to=ONNX_DTYPES[x.dtype])
     keyed = ctx.node("Mul", [hits, key], f"{out}.keyed")
-    best = ctx.node("MaxPool", [keyed], f"{out}.best", **_window_attrs(node))
-    first = ctx.node("Cast", [ctx.node("Equal", [keyed, up(best, "best_up")], f"{out}.is_first")], f"{out}.first",
-                     to=ONNX_DTYPES[x.dtype])
-    ctx.node("Mul", [first, up(g.name, "g_up")], out)
+    return keyed, ctx.node("MaxPool", [keyed], f"{out}.best", kernel_shape=list(kernel), strides=list(kernel))
+
+
+def _upsample(ctx: EmitContext, value: str, like: Value, kernel, out: str) -> str:
+    """Nearest-neighbour upsampling by the window, to like's (N, C, H, W): Resize for float32, and for float64
+    (which ONNX Runtime's Resize lacks) an Expand of the (N, C, Ho, 1, Wo, 1) view, 8× slower."""
+    (kh, kw), (_, channels, h, w) = kernel, like.shape
+    if np.dtype(like.dtype) == np.float32:
+        return ctx.node("Resize", [value, "", ctx.const(np.array([1, 1, kh, kw], np.float32), f"const.{out}.scales")],
+                        out, mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    i64 = lambda shape, hint: ctx.const(np.asarray(shape, dtype=np.int64), f"const.{out}.{hint}")
+    view = ctx.node("Reshape", [value, i64([-1, channels, h // kh, 1, w // kw, 1], "view")], f"{out}_view")
+    spread = ctx.node("Expand", [view, i64([1, 1, 1, kh, 1, kw], "spread")], f"{out}_spread")
+    return ctx.node("Reshape", [spread, i64([-1, channels, h, w], "shape")], out)
 
 
 @emit("avgpool")

@@ -65,6 +65,9 @@ OPS: Mapping[str, str] = {
     "conv_filter_grad": "the adjoint of conv in w (attr batch: the mini-batch size it is compiled for, or None): "
                         "y[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·sh + i, "
                         "q·sw + j], x (m, C, H, W), g (m, F, Ho, Wo) → (F, C, kh, kw); attrs strides, pads, kernel",
+    "conv_filter_grad_pooled": "conv_filter_grad(x, maxpool_grad(g, r, y)) without unpooling g: x (m, C, H, W), "
+                               "g and y = maxpool(r) (m, F, P, Q), r (m, F, Ho, Wo) → (F, C, kh, kw); the conv's "
+                               "attrs strides, pads, kernel, batch, and the pool's tiling window attr pool (ph, pw)",
     "maxpool": "y = max of x over each kh×kw window, attrs kernel, strides (no padding)",
     "maxpool_argmax": "the flat index into x (over all of x, batch and channel included) of each window's first "
                       "maximum, int64, shaped like maxpool's y; attrs kernel, strides",

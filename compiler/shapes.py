@@ -256,6 +256,13 @@ def shape_conv_filter_grad(inputs, attrs):
     return x.dtype, (g.shape[1], x.shape[1], *attrs["kernel"])
 
 
+@rule("conv_filter_grad_pooled")
+def shape_conv_filter_grad_pooled(inputs, attrs):
+    x, g, r, y = inputs
+    _, unpooled = shape_maxpool_grad((g, r, y), {"kernel": attrs["pool"], "strides": attrs["pool"]})
+    return shape_conv_filter_grad((x, Value(g.name, g.dtype, unpooled)), attrs)
+
+
 @rule("maxpool", "avgpool")
 def shape_pool(inputs, attrs):
     (x,) = inputs

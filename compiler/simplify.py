@@ -177,8 +177,57 @@ def mask_before_unpooling(graph: Graph) -> Graph:
     return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if changed else graph
 
 
+def _use_counts(graph: Graph) -> dict[str, int]:
+    """How many node inputs and graph outputs each value name feeds."""
+    uses: dict[str, int] = {}
+    for v in [v for node in graph.nodes for v in node.inputs] + list(graph.outputs):
+        uses[v.name] = uses.get(v.name, 0) + 1
+    return uses
+
+
+def sum_before_unpooling(graph: Graph) -> Graph:
+    """Σ_{…, h, w} maxpool_grad(g, x, y)  →  Σ_{…, p, q} g, summed over the same axes, H and W among them.
+
+    Each window sends its g to one place, its first maximum, so unpooling moves the terms of the sum
+    and adds only zeros. The bias gradient of a conv in front of a pool then sums the pooled
+    gradient, kh·kw times smaller.
+    """
+    producers = graph.producers()
+    nodes, changed = [], False
+    for node in graph.nodes:
+        if node.op == "reduce_sum":
+            (unpooled,) = node.inputs
+            pool, axes, rank = producers.get(unpooled.name), node.attr("axes"), unpooled.rank
+            spatial = axes is None or {rank - 2, rank - 1} <= {a % rank for a in axes}
+            if pool is not None and pool.op == "maxpool_grad" and spatial:
+                node, changed = replace(node, inputs=(pool.inputs[0],)), True
+        nodes.append(node)
+    return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if changed else graph
+
+
+def filter_grad_before_unpooling(graph: Graph) -> Graph:
+    """conv_filter_grad(x, maxpool_grad(g, r, y))  →  conv_filter_grad_pooled(x, g, r, y).
+
+    Taken where the unpooled gradient has no other use: a first layer, whose input needs no gradient,
+    with its bias gradient summed from the pooled one (`sum_before_unpooling`). The pooled form skips
+    the unpooling and runs its Conv over kernels kh·kw times smaller (`emit_conv_filter_grad_pooled`).
+    """
+    producers, uses = graph.producers(), _use_counts(graph)
+    nodes, changed = [], False
+    for node in graph.nodes:
+        if node.op == "conv_filter_grad":
+            x, unpooled = node.inputs
+            pool = producers.get(unpooled.name)
+            if pool is not None and pool.op == "maxpool_grad" and uses[unpooled.name] == 1:
+                node = Node("conv_filter_grad_pooled", (x, *pool.inputs), node.output,
+                            {**node.attrs, "pool": tuple(pool.attr("kernel"))})
+                changed = True
+        nodes.append(node)
+    return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if changed else graph
+
+
 PASSES = (fold_constants, apply_identities, eliminate_common_subexpressions, eliminate_dead_nodes,
-          mask_before_unpooling)
+          mask_before_unpooling, sum_before_unpooling, filter_grad_before_unpooling)
 
 
 def simplify(graph: Graph, max_rounds: int = 10) -> Graph:

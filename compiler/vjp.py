@@ -310,6 +310,20 @@ def vjp_maxpool_grad(b, h, node):
     return b.op("take", h, argmax), None, None
 
 
+@vjp("conv_filter_grad_pooled")
+def vjp_conv_filter_grad_pooled(b, h, node):
+    # conv_filter_grad(x, u) with u = maxpool_grad(g, r, y): dx = conv_transpose(u, h), du = conv(x, h),
+    # and dg = du at each window's first maximum (maxpool_grad's VJP)
+    x, g, r, y = node.inputs
+    window = {"kernel": node.attr("pool"), "strides": node.attr("pool")}
+    unpooled = b.op("maxpool_grad", g, r, y, **window)
+    attrs, kernel = _conv_attrs(node), node.attr("kernel")
+    dx = b.op("conv_transpose", unpooled, h, **attrs,
+              output_padding=_output_padding(x, kernel, attrs["strides"], attrs["pads"]))
+    du = b.op("conv", x, h, **attrs)
+    return dx, b.op("take", du, b.op("maxpool_argmax", r, **window)), None, None
+
+
 @vjp("avgpool")
 def vjp_avgpool(b, g, node):
     # dx[p] = Σ over the windows w ∋ p of g[w] / (kh·kw)

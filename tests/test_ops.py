@@ -58,6 +58,7 @@ def ties_in_windows() -> tuple[np.ndarray, np.ndarray]:
 
 
 TIES = ties_in_windows()
+TIES3 = tuple(np.concatenate([t, t[:1] * 2.0]) for t in TIES)      # three images, for the symbolic batch
 CASES = [
     Case("identity", ((3, 4),)),
     Case("neg", ((3, 4),)),
@@ -123,6 +124,19 @@ CASES = [
     Case("maxpool", (("N", 2, 4, 6),), window(2, 2), id="maxpool-tiling"),
     Case("maxpool", ((2, 1, 6, 6),), {"kernel": (3, 2), "strides": (3, 2)}, id="maxpool-tiling-3x2"),
     Case("maxpool_grad", ((2, 2, 2, 3),), window(2, 2), extra=TIES, id="maxpool_grad-ties"),
+    # the filter gradient of a conv in front of a tiling max pool, from the pooled gradient g (r, y: the
+    # pool's input and output, ties included); x's gradient is the conv_transpose of the unpooled g
+    Case("conv_filter_grad_pooled", ((2, 3, 6, 7), (2, 2, 2, 3)), {**conv(1, 0), "kernel": (3, 2), "pool": (2, 2)},
+         extra=TIES, id="conv_filter_grad_pooled"),
+    Case("conv_filter_grad_pooled", ((2, 1, 8, 14), (2, 2, 2, 3)),
+         {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3), "pool": (2, 2), "batch": 2}, extra=TIES,
+         id="conv_filter_grad_pooled-stride2-unread-by-image"),
+    Case("conv_filter_grad_pooled", (("N", 2, 4, 5), ("N", 2, 2, 3)),
+         {**conv(1, (1, 1, 0, 1)), "kernel": (2, 2), "pool": (2, 2), "batch": 3}, extra=TIES3,
+         id="conv_filter_grad_pooled-if-the-compiled-batch"),
+    Case("conv_filter_grad_pooled", (("N", 2, 4, 5), ("N", 2, 2, 3)),
+         {**conv(1, (1, 1, 0, 1)), "kernel": (2, 2), "pool": (2, 2), "batch": 4}, extra=TIES3,
+         id="conv_filter_grad_pooled-if-another-batch"),
     Case("avgpool", (("N", 2, 5, 5),), window(2, 2), id="avgpool-2x2-odd"),
     Case("avgpool", ((2, 2, 7, 6),), window(3, 2), id="avgpool-overlapping"),
     Case("avgpool_transpose", ((2, 3, 3, 2),), {**window(3, 2), "input_size": (7, 6)}),
@@ -262,3 +276,52 @@ def test_relu_mask_moves_before_max_unpooling():
     np.put_along_axis(picked, windows.argmax(-1)[..., None], np.where(windows.max(-1) > 0, r, 0.0)[..., None], -1)
     expected = picked.reshape(2, 2, 2, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(z.shape)
     np.testing.assert_array_equal(dz, expected)
+
+
+def _conv_relu_pool_grads(x_needs_grad: bool, passes=None):
+    """conv (2 filters, 3×2, padding (1, 0, 1, 0)) → relu → 2×2 max pool on x (2, 1, 4, 5) holding a flat
+    region (tied positive maxima after the ReLU, as on an image's blank border); the simplified graph of the
+    gradients in w and b (and x), and its values in float64."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(2, 1, 4, 5))
+    x[0, 0, :3, :3] = 0.0
+    w, bias = rng.normal(size=(2, 1, 3, 2)), np.array([0.3, -0.2])
+    b = Builder("float64")
+    xin, win, bin_ = b.input("x", x.shape), b.input("w", w.shape), b.input("b", bias.shape)
+    z = b.op("conv", xin, win, bin_, **conv(1, (1, 0, 1, 0)))
+    y = b.op("maxpool", b.op("relu", z), **window(2, 2))
+    r = np.random.default_rng(9).normal(size=y.shape)
+    f = b.op("reduce_sum", b.mul(y, b.const(r)), axes=None, keepdims=False, name="f")
+    wrt = [win, bin_, xin] if x_needs_grad else [win, bin_]
+    graph = simplify(b.graph("check", list(grad(b, f, wrt).values())))
+    return graph, ReferenceEvaluator(to_onnx(graph, opset=17)).run(None, {"x": x, "w": w, "b": bias})
+
+
+def test_first_layer_filter_gradient_skips_unpooling(monkeypatch):
+    """conv → relu → tiling maxpool with no gradient to x: the filter gradient comes from the pooled
+    gradient (`filter_grad_before_unpooling`) and the bias gradient sums it (`sum_before_unpooling`),
+    so nothing is unpooled; the values equal those of the graph that unpools."""
+    import compiler.simplify as simplify_module
+    graph, fused = _conv_relu_pool_grads(x_needs_grad=False)
+    ops = [n.op for n in graph.nodes]
+    assert "conv_filter_grad_pooled" in ops and "maxpool_grad" not in ops and "conv_filter_grad" not in ops
+    (bias_sum,) = [n for n in graph.nodes if n.op == "reduce_sum" and n.output in graph.outputs]
+    assert bias_sum.inputs[0].shape == (2, 2, 2, 2)                         # the pooled gradient
+    monkeypatch.setattr(simplify_module, "PASSES", tuple(p for p in simplify_module.PASSES if p not in (
+        simplify_module.sum_before_unpooling, simplify_module.filter_grad_before_unpooling)))
+    plain_graph, plain = _conv_relu_pool_grads(x_needs_grad=False)
+    assert "maxpool_grad" in [n.op for n in plain_graph.nodes]
+    for got, want in zip(fused, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.abs(plain[0]).max() > 0.1
+
+
+def test_filter_gradient_unpools_where_x_needs_its_gradient():
+    """The same layers inside a network: the unpooled gradient also feeds conv_transpose, so the filter
+    gradient keeps using it; the bias gradient still sums the pooled one."""
+    graph, _ = _conv_relu_pool_grads(x_needs_grad=True)
+    ops = [n.op for n in graph.nodes]
+    assert "conv_filter_grad_pooled" not in ops and {"maxpool_grad", "conv_filter_grad", "conv_transpose"} <= set(ops)
+    producers = graph.producers()
+    (bias_sum,) = [n for n in graph.nodes if n.op == "reduce_sum" and n.output in graph.outputs]
+    assert producers[bias_sum.inputs[0].name].op != "maxpool_grad"
