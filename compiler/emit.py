@@ -378,10 +378,11 @@ def emit_conv_filter_grad_pooled(ctx, node):
     fold = np.zeros((ph, pw, eh, ew, kh, kw), dtype)
     for a, b, i, j in np.ndindex(ph, pw, kh, kw):
         fold[a, b, a * sh + i, b * sw + j, i, j] = 1
-    rows = ctx.node("Reshape", [shifted.name, i64([places, filters * channels, eh * ew], "rows")], f"{out}.rows")
-    rows = ctx.node("Transpose", [rows], f"{out}.rowsT", perm=[1, 0, 2])
-    rows = ctx.node("Reshape", [rows, i64([filters * channels, places * eh * ew], "flat")], f"{out}.flat")
-    summed = ctx.node("MatMul", [rows, ctx.const(fold.reshape(places * eh * ew, kh * kw), f"const.{out}.fold")],
+    by_offset = ctx.node("Reshape", [shifted.name, i64([places, filters * channels, eh * ew], "by_offset")],
+                         f"{out}.by_offset")
+    per_filter = ctx.node("Transpose", [by_offset], f"{out}.per_filter", perm=[1, 0, 2])
+    flat = ctx.node("Reshape", [per_filter, i64([filters * channels, places * eh * ew], "flat")], f"{out}.flat")
+    summed = ctx.node("MatMul", [flat, ctx.const(fold.reshape(places * eh * ew, kh * kw), f"const.{out}.fold")],
                       f"{out}.summed")
     ctx.node("Reshape", [summed, i64([filters, channels, kh, kw], "shape")], out)
 
