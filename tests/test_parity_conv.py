@@ -98,6 +98,21 @@ ODD = {
       dense 6 relu
       batchnorm
       dense 4 softmax""", "regularize l2 lambda=0.02"),
+    # a first layer into ReLU and a tiling max pool, whose filter gradient comes from the pooled gradient
+    # (conv_filter_grad_pooled): 3 channels, 4×4 filters at stride 2 over 19×18 (the last row unread,
+    # cropped) → 8×8 → 2/2 max pool → 4×4
+    "first-layer-pooled-stride2-unread": ("float[3, 19, 18]", "class[3]", """
+      conv 4 size=4 stride=2 relu
+      maxpool size=2
+      conv 3 size=2 relu
+      flatten
+      dense 3 softmax""", ""),
+    # the same with padding=same and even filters (pads 1 top/left, 2 bottom/right) → 10×12 → 5×6
+    "first-layer-pooled-same-even": ("float[1, 10, 12]", "class[3]", """
+      conv 3 size=4 padding=same relu
+      maxpool size=2
+      flatten
+      dense 3 softmax""", "regularize l2 lambda=0.01"),
 }
 
 OBSERVED: dict[str, float] = defaultdict(float)
