@@ -288,10 +288,12 @@ def _emit_filter_grad(ctx: EmitContext, node: Node, g: Value, dilations, result:
     """result[f, c, i, j] = Σ_{n,p,q} g[n, f, p, q]·x_pad[n, c, p·dh + i, q·dw + j] with x = node's first input,
     padded by node's pads: a convolution of xᵀ (C, N, H, W), the images as channels, with g's maps as filters
     dilated by (dh, dw) (`_filter_grad_conv`); conv_filter_grad's g at the conv's strides, or the pooled
-    gradients of conv_filter_grad_pooled. Grouped by image where the mini-batch has the size the step is
-    compiled for (node attr batch), else one sum over the images; an If on the batch size where that size is
-    only known at run time (the last mini-batch of an epoch may be smaller). The rows after the conv's last
-    window (r = (H + p − kh) mod s) are left out: first from the end padding, then cropped from x."""
+    gradients of conv_filter_grad_pooled. Where x has one channel, grouped by image when the mini-batch has
+    the size the step is compiled for (node attr batch), else one sum over the images; an If on the batch size
+    where that size is only known at run time (the last mini-batch of an epoch may be smaller). With several
+    channels always the sum: it is as fast or faster on 2 threads (bench/NOTES.md section 18). The rows after
+    the conv's last window (r = (H + p − kh) mod s) are left out: first from the end padding, then cropped
+    from x."""
     x = node.inputs[0]
     out, batch, rows = result.name, node.attr("batch"), x.shape[0]
     (sh, sw), (top, left, bottom, right) = node.attr("strides"), node.attr("pads")
@@ -311,7 +313,7 @@ def _emit_filter_grad(ctx: EmitContext, node: Node, g: Value, dilations, result:
     conv = {"kernel_shape": [int(d) for d in g.shape[2:]], "dilations": [int(d) for d in dilations],
             "strides": [1, 1], "pads": [top, left, bottom - (extra_h - crop_h), right - (extra_w - crop_w)]}
     size = tuple(int(d) for d in result.shape[2:])
-    if batch is None or (isinstance(rows, int) and rows != batch):
+    if batch is None or x.shape[1] != 1 or (isinstance(rows, int) and rows != batch):
         _filter_grad_conv(ctx, xt, g, size, conv, out, None)
     elif rows == batch:
         _filter_grad_conv(ctx, xt, g, size, conv, out, batch)
@@ -334,7 +336,7 @@ def _filter_grad_conv(ctx: EmitContext, xt: str, g: Value, size: tuple[int, int]
       batch = N:  one group per image, the filters g as (N·F, 1, Ho, Wo): (C, N·F, *size), summed over the images
                   after. ONNX Runtime spreads the groups over its threads, where the summing Conv of a
                   one-channel input is a single image on one: LeNet-5's step +7 % on 2 threads, unchanged on 1
-                  (bench/NOTES.md section 17)."""
+                  (bench/NOTES.md section 17). With C > 1 the summing Conv has C images to spread."""
     filters = int(g.shape[1])
     if batch is None:
         gt = ctx.node("Transpose", [g.name], f"{out}.gT", perm=[1, 0, 2, 3])

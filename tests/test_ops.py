@@ -110,12 +110,15 @@ CASES = [
     Case("conv_filter_grad", ((2, 1, 7, 6), (2, 3, 3, 2)), {**conv((2, 3), (1, 0, 0, 1)), "kernel": (3, 2)},
          id="conv_filter_grad-one-channel-unread"),
     Case("conv", (("N", 1, 6, 6), (3, 1, 4, 4), (3,)), conv(1, (1, 1, 2, 2)), id="conv-one-channel-same-even"),
-    # attr batch: one group per image where the batch has the compiled size (an If where it is known at run time only)
-    Case("conv_filter_grad", ((2, 3, 6, 5), (2, 4, 3, 2)), {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3), "batch": 2},
+    # attr batch: a one-channel x is grouped by image where the batch has the compiled size (an If where it is
+    # known at run time only); several channels are summed whatever the batch
+    Case("conv_filter_grad", ((2, 1, 6, 5), (2, 4, 3, 2)), {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3), "batch": 2},
          id="conv_filter_grad-by-image"),
+    Case("conv_filter_grad", ((2, 3, 6, 5), (2, 4, 3, 2)), {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3), "batch": 2},
+         id="conv_filter_grad-channels-summed"),
     Case("conv_filter_grad", (("N", 1, 7, 6), ("N", 3, 3, 2)), {**conv((2, 3), (1, 0, 0, 1)), "kernel": (3, 2), "batch": 3},
          id="conv_filter_grad-if-the-compiled-batch"),
-    Case("conv_filter_grad", (("N", 2, 7, 6), ("N", 3, 3, 2)), {**conv((2, 3), (1, 0, 0, 1)), "kernel": (3, 2), "batch": 5},
+    Case("conv_filter_grad", (("N", 1, 7, 6), ("N", 3, 3, 2)), {**conv((2, 3), (1, 0, 0, 1)), "kernel": (3, 2), "batch": 5},
          id="conv_filter_grad-if-another-batch"),
     # pooling (no padding): overlapping windows (stride < size), odd sizes that leave rows unread
     Case("maxpool", (("N", 2, 7, 7),), window(3, 2), id="maxpool-overlapping"),
@@ -131,10 +134,10 @@ CASES = [
     Case("conv_filter_grad_pooled", ((2, 1, 8, 14), (2, 2, 2, 3)),
          {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3), "pool": (2, 2), "batch": 2}, extra=TIES,
          id="conv_filter_grad_pooled-stride2-unread-by-image"),
-    Case("conv_filter_grad_pooled", (("N", 2, 4, 5), ("N", 2, 2, 3)),
+    Case("conv_filter_grad_pooled", (("N", 1, 4, 5), ("N", 2, 2, 3)),
          {**conv(1, (1, 1, 0, 1)), "kernel": (2, 2), "pool": (2, 2), "batch": 3}, extra=TIES3,
          id="conv_filter_grad_pooled-if-the-compiled-batch"),
-    Case("conv_filter_grad_pooled", (("N", 2, 4, 5), ("N", 2, 2, 3)),
+    Case("conv_filter_grad_pooled", (("N", 1, 4, 5), ("N", 2, 2, 3)),
          {**conv(1, (1, 1, 0, 1)), "kernel": (2, 2), "pool": (2, 2), "batch": 4}, extra=TIES3,
          id="conv_filter_grad_pooled-if-another-batch"),
     Case("avgpool", (("N", 2, 5, 5),), window(2, 2), id="avgpool-2x2-odd"),
