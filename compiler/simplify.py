@@ -137,6 +137,14 @@ def _positive_mask_test(producers: dict[str, Node], value: Value) -> Node | None
     return greater
 
 
+def _use_counts(graph: Graph) -> dict[str, int]:
+    """How many node inputs and graph outputs each value name feeds."""
+    uses: dict[str, int] = {}
+    for v in [v for node in graph.nodes for v in node.inputs] + list(graph.outputs):
+        uses[v.name] = uses.get(v.name, 0) + 1
+    return uses
+
+
 def mask_before_unpooling(graph: Graph) -> Graph:
     """maxpool_grad(g, x, y) · [x > 0]  →  maxpool_grad(g · [y > 0], x, y).
 
@@ -144,11 +152,7 @@ def mask_before_unpooling(graph: Graph) -> Graph:
     mask of a ReLU in front of the pool can be applied to the pooled gradient, kh·kw times smaller.
     Taken only where the maxpool_grad has no other use (it would otherwise stay computed as well).
     """
-    producers = graph.producers()
-    uses: dict[str, int] = {}
-    for node in graph.nodes:
-        for v in node.inputs:
-            uses[v.name] = uses.get(v.name, 0) + 1
+    producers, uses = graph.producers(), _use_counts(graph)
     taken = {v.name for v in graph.inputs} | set(producers)
     nodes, changed = [], False
     for node in graph.nodes:
@@ -175,14 +179,6 @@ def mask_before_unpooling(graph: Graph) -> Graph:
                 break
         nodes.append(node)
     return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if changed else graph
-
-
-def _use_counts(graph: Graph) -> dict[str, int]:
-    """How many node inputs and graph outputs each value name feeds."""
-    uses: dict[str, int] = {}
-    for v in [v for node in graph.nodes for v in node.inputs] + list(graph.outputs):
-        uses[v.name] = uses.get(v.name, 0) + 1
-    return uses
 
 
 def sum_before_unpooling(graph: Graph) -> Graph:

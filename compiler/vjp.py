@@ -283,8 +283,12 @@ def vjp_conv_transpose(b, g, node):
 
 @vjp("conv_filter_grad")
 def vjp_conv_filter_grad(b, g, node):
-    # ⟨conv_filter_grad(x, h), g⟩ = ⟨conv(x, g), h⟩:  dx = conv_transpose(h, g),  dh = conv(x, g)
     x, h = node.inputs
+    return _filter_grad_adjoints(b, g, node, x, h)
+
+
+def _filter_grad_adjoints(b, g, node, x, h):
+    # ⟨conv_filter_grad(x, h), g⟩ = ⟨conv(x, g), h⟩:  dx = conv_transpose(h, g),  dh = conv(x, g)
     attrs, kernel = _conv_attrs(node), node.attr("kernel")
     dx = b.op("conv_transpose", h, g, **attrs,
               output_padding=_output_padding(x, kernel, attrs["strides"], attrs["pads"]))
@@ -312,15 +316,11 @@ def vjp_maxpool_grad(b, h, node):
 
 @vjp("conv_filter_grad_pooled")
 def vjp_conv_filter_grad_pooled(b, h, node):
-    # conv_filter_grad(x, u) with u = maxpool_grad(g, r, y): dx = conv_transpose(u, h), du = conv(x, h),
-    # and dg = du at each window's first maximum (maxpool_grad's VJP)
+    # conv_filter_grad(x, u) with u = maxpool_grad(g, r, y): dx and du as conv_filter_grad's, and
+    # dg = du at each window's first maximum (maxpool_grad's VJP)
     x, g, r, y = node.inputs
     window = {"kernel": node.attr("pool"), "strides": node.attr("pool")}
-    unpooled = b.op("maxpool_grad", g, r, y, **window)
-    attrs, kernel = _conv_attrs(node), node.attr("kernel")
-    dx = b.op("conv_transpose", unpooled, h, **attrs,
-              output_padding=_output_padding(x, kernel, attrs["strides"], attrs["pads"]))
-    du = b.op("conv", x, h, **attrs)
+    dx, du = _filter_grad_adjoints(b, h, node, x, b.op("maxpool_grad", g, r, y, **window))
     return dx, b.op("take", du, b.op("maxpool_argmax", r, **window)), None, None
 
 
