@@ -59,6 +59,15 @@ def ties_in_windows() -> tuple[np.ndarray, np.ndarray]:
 
 TIES = ties_in_windows()
 TIES3 = tuple(np.concatenate([t, t[:1] * 2.0]) for t in TIES)      # three images, for the symbolic batch
+
+
+def ties_in_3x2_windows() -> tuple[np.ndarray, np.ndarray]:
+    """x (2, 2, 6, 4) with zeros and equal positive values inside 3×2 windows, and y its 3×2 max pooling."""
+    x = np.maximum(np.random.default_rng(10).normal(size=(2, 2, 6, 4)), 0.0)
+    x[0, 0, :3, :2] = 0.0
+    x[1, 1, 3:, 2:] = 1.25
+    x[0, 1, 4, 0] = x[0, 1, 5, 1] = x[0, 1, 3:, :2].max() + 1.0
+    return x, x.reshape(2, 2, 2, 3, 2, 2).max(axis=(3, 5))
 CASES = [
     Case("identity", ((3, 4),)),
     Case("neg", ((3, 4),)),
@@ -134,6 +143,8 @@ CASES = [
     Case("conv_filter_grad_pooled", ((2, 1, 8, 14), (2, 2, 2, 3)),
          {**conv(2, (1, 0, 1, 0)), "kernel": (3, 3), "pool": (2, 2), "batch": 2}, extra=TIES,
          id="conv_filter_grad_pooled-stride2-unread-by-image"),
+    Case("conv_filter_grad_pooled", ((2, 1, 8, 5), (2, 2, 2, 2)), {**conv(1, 0), "kernel": (3, 2), "pool": (3, 2)},
+         extra=ties_in_3x2_windows(), id="conv_filter_grad_pooled-3x2-pool"),
     Case("conv_filter_grad_pooled", (("N", 1, 4, 5), ("N", 2, 2, 3)),
          {**conv(1, (1, 1, 0, 1)), "kernel": (2, 2), "pool": (2, 2), "batch": 3}, extra=TIES3,
          id="conv_filter_grad_pooled-if-the-compiled-batch"),
