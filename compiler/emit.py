@@ -82,8 +82,12 @@ class EmitContext:
         self.initializers[name] = array
         return name
 
+    def ints(self, value, hint: str) -> str:
+        """An int64 constant (a shape, axes, indices) named after `hint`."""
+        return self.const(np.asarray(value, dtype=np.int64), f"const.{hint}")
+
     def axes(self, axes, hint: str) -> str:
-        return self.const(np.asarray(axes, dtype=np.int64), f"const.{hint}.axes")
+        return self.ints(axes, f"{hint}.axes")
 
 
 EMIT_RULES: dict[str, Callable[[EmitContext, Node], None]] = {}
@@ -171,8 +175,8 @@ def _sum_of_rows(ctx: EmitContext, x: Value, out: str) -> str:
     else:
         ones = f"ones.{rows}.{x.dtype}"
         if not any(ones in n.output for n in ctx.nodes):
-            count = ctx.node("Slice", [ctx.node("Shape", [x.name], f"{ones}.shape"), _i64(ctx, [0], "zero_1d"),
-                                       _i64(ctx, [1], "one_1d")], f"{ones}.count")
+            count = ctx.node("Slice", [ctx.node("Shape", [x.name], f"{ones}.shape"), ctx.ints([0], "zero_1d"),
+                                       ctx.ints([1], "one_1d")], f"{ones}.count")
             ctx.node("ConstantOfShape", [count], ones, value=helper.make_tensor("one", ONNX_DTYPES[x.dtype], [1], [1.0]))
     return ctx.node("MatMul", [ones, x.name], out)
 
@@ -190,7 +194,7 @@ def emit_squeeze(ctx, node):
 def _shape_of(ctx: EmitContext, value: Value, out: str) -> str:
     """A static shape as a constant; a shape with the batch symbol read at run time."""
     if all(isinstance(d, int) for d in value.shape):
-        return ctx.const(np.asarray(value.shape, dtype=np.int64), f"const.{out}.shape")
+        return ctx.ints(value.shape, f"{out}.shape")
     return ctx.node("Shape", [value.name], f"{out}.shape")
 
 
@@ -230,7 +234,7 @@ def emit_batch_count(ctx, node):
 def _batch_size(ctx: EmitContext, value: Value, out: str) -> str:
     """The length of value's first axis, read at run time: an int64 scalar named `out.n`."""
     shape = ctx.node("Shape", [value.name], f"{out}.shape")
-    return ctx.node("Gather", [shape, ctx.const(np.asarray(0, dtype=np.int64), "const.zero_index")], f"{out}.n")
+    return ctx.node("Gather", [shape, ctx.ints(0, "zero_index")], f"{out}.n")
 
 
 @emit("softmax_cross_entropy")
@@ -302,12 +306,11 @@ def _emit_filter_grad(ctx: EmitContext, node: Node, g: Value, dilations, result:
     crop_h, crop_w = max(extra_h - bottom, 0), max(extra_w - right, 0)
     source = x.name
     if crop_h or crop_w:
-        source = ctx.node("Slice", [x.name, ctx.const(np.asarray([0, 0], np.int64), f"const.{out}.starts"),
-                                    ctx.const(np.asarray([h - crop_h, w - crop_w], np.int64), f"const.{out}.ends"),
+        source = ctx.node("Slice", [x.name, ctx.ints([0, 0], f"{out}.starts"),
+                                    ctx.ints([h - crop_h, w - crop_w], f"{out}.ends"),
                                     ctx.axes([2, 3], f"{out}.crop")], f"{out}.cropped")
     if x.shape[1] == 1:                     # (N, 1, H, W) → (1, N, H, W) moves no data
-        xt = ctx.node("Reshape", [source, ctx.const(np.asarray([1, -1, h - crop_h, w - crop_w], np.int64),
-                                                    f"const.{out}.xT")], f"{out}.xT")
+        xt = ctx.node("Reshape", [source, ctx.ints([1, -1, h - crop_h, w - crop_w], f"{out}.xT")], f"{out}.xT")
     else:
         xt = ctx.node("Transpose", [source], f"{out}.xT", perm=[1, 0, 2, 3])
     conv = {"kernel_shape": [int(d) for d in g.shape[2:]], "dilations": [int(d) for d in dilations],
@@ -318,8 +321,7 @@ def _emit_filter_grad(ctx: EmitContext, node: Node, g: Value, dilations, result:
     elif rows == batch:
         _filter_grad_conv(ctx, xt, g, size, conv, out, batch)
     else:                                   # a symbolic batch
-        compiled = ctx.node("Equal", [_batch_size(ctx, g, out), ctx.const(np.asarray(batch, dtype=np.int64),
-                                                                           f"const.{out}.batch")],
+        compiled = ctx.node("Equal", [_batch_size(ctx, g, out), ctx.ints(batch, f"{out}.batch")],
                             f"{out}.is_compiled_batch")
         branches = {}
         for branch, group in (("then_branch", batch), ("else_branch", None)):
@@ -342,10 +344,9 @@ def _filter_grad_conv(ctx: EmitContext, xt: str, g: Value, size: tuple[int, int]
         gt = ctx.node("Transpose", [g.name], f"{out}.gT", perm=[1, 0, 2, 3])
         grad_t = ctx.node("Conv", [xt, gt], f"{out}.T", **conv)
     else:
-        i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
-        per_image = ctx.node("Reshape", [g.name, i64([batch * filters, 1, *g.shape[2:]], "filters")], f"{out}.filters")
+        per_image = ctx.node("Reshape", [g.name, ctx.ints([batch * filters, 1, *g.shape[2:]], f"{out}.filters")], f"{out}.filters")
         grouped = ctx.node("Conv", [xt, per_image], f"{out}.per_image", group=batch, **conv)
-        split = ctx.node("Reshape", [grouped, i64([-1, batch, filters, *size], "split")], f"{out}.split")
+        split = ctx.node("Reshape", [grouped, ctx.ints([-1, batch, filters, *size], f"{out}.split")], f"{out}.split")
         grad_t = ctx.node("ReduceSum", [split, ctx.axes([1], f"{out}.images")], f"{out}.T", keepdims=0)
     return ctx.node("Transpose", [grad_t], out, perm=[1, 0, 2, 3])
 
@@ -364,14 +365,13 @@ def emit_conv_filter_grad_pooled(ctx, node):
     out, dtype = node.output.name, np.dtype(g.dtype)
     (ph, pw), (sh, sw), (kh, kw) = node.attr("pool"), node.attr("strides"), node.attr("kernel")
     filters, channels, places = int(g.shape[1]), int(x.shape[1]), ph * pw
-    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
     _, best = _first_maxima(ctx, r, y, (ph, pw), out)
     keys = ctx.const(_window_keys(ph, pw).astype(dtype).reshape(1, places, 1, 1, 1), f"const.{out}.keys")
     unsqueeze = lambda value, hint: ctx.node("Unsqueeze", [value, ctx.axes([1], f"{out}.places")], f"{out}.{hint}")
     chosen = ctx.node("Cast", [ctx.node("Equal", [unsqueeze(best, "best5"), keys], f"{out}.is_place")],
                       f"{out}.place", to=ONNX_DTYPES[g.dtype])
     spread = ctx.node("Mul", [chosen, unsqueeze(g.name, "g5")], f"{out}.g_by_place")
-    by_place = Value(ctx.node("Reshape", [spread, i64([0, places * filters, *g.shape[2:]], "maps")], f"{out}.maps"),
+    by_place = Value(ctx.node("Reshape", [spread, ctx.ints([0, places * filters, *g.shape[2:]], f"{out}.maps")], f"{out}.maps"),
                      g.dtype, (g.shape[0], places * filters, *g.shape[2:]))
     eh, ew = (ph - 1) * sh + kh, (pw - 1) * sw + kw
     shifted = Value(f"{out}.shifted", g.dtype, (places * filters, channels, eh, ew))
@@ -380,13 +380,13 @@ def emit_conv_filter_grad_pooled(ctx, node):
     fold = np.zeros((ph, pw, eh, ew, kh, kw), dtype)
     for a, b, i, j in np.ndindex(ph, pw, kh, kw):
         fold[a, b, a * sh + i, b * sw + j, i, j] = 1
-    by_offset = ctx.node("Reshape", [shifted.name, i64([places, filters * channels, eh * ew], "by_offset")],
+    by_offset = ctx.node("Reshape", [shifted.name, ctx.ints([places, filters * channels, eh * ew], f"{out}.by_offset")],
                          f"{out}.by_offset")
     per_filter = ctx.node("Transpose", [by_offset], f"{out}.per_filter", perm=[1, 0, 2])
-    flat = ctx.node("Reshape", [per_filter, i64([filters * channels, places * eh * ew], "flat")], f"{out}.flat")
+    flat = ctx.node("Reshape", [per_filter, ctx.ints([filters * channels, places * eh * ew], f"{out}.flat")], f"{out}.flat")
     summed = ctx.node("MatMul", [flat, ctx.const(fold.reshape(places * eh * ew, kh * kw), f"const.{out}.fold")],
                       f"{out}.summed")
-    ctx.node("Reshape", [summed, i64([filters, channels, kh, kw], "shape")], out)
+    ctx.node("Reshape", [summed, ctx.ints([filters, channels, kh, kw], f"{out}.shape")], out)
 
 
 @emit("maxpool")
@@ -417,21 +417,20 @@ def _argmax_by_windows(ctx: EmitContext, node: Node) -> str:
     base = ((np.arange(ho) * sh * w)[:, None] + np.arange(wo) * sw).reshape(-1)          # (Ho·Wo,)
     offsets = ((np.arange(kh) * w)[:, None] + np.arange(kw)).reshape(-1)                 # (kh·kw,)
     table = (base[:, None] + offsets).astype(np.int64)
-    i64 = lambda a, hint: ctx.const(np.asarray(a, dtype=np.int64), f"const.{out}.{hint}")
-    pixels = ctx.node("Reshape", [x.name, i64([0, 0, -1], "pixels_shape")], f"{out}.pixels")
-    windows = ctx.node("Gather", [pixels, i64(table, "windows")], f"{out}.windows", axis=2)
+    pixels = ctx.node("Reshape", [x.name, ctx.ints([0, 0, -1], f"{out}.pixels_shape")], f"{out}.pixels")
+    windows = ctx.node("Gather", [pixels, ctx.ints(table, f"{out}.windows")], f"{out}.windows", axis=2)
     o = ctx.node("ArgMax", [windows], f"{out}.offset", axis=3, keepdims=0, select_last_index=0)
-    row = ctx.node("Mul", [ctx.node("Div", [o, i64(kw, "kw")], f"{out}.i"), i64(w, "width")], f"{out}.row")
-    spatial = ctx.node("Add", [ctx.node("Add", [row, ctx.node("Mod", [o, i64(kw, "kw")], f"{out}.j")],
-                                        f"{out}.in_window"), i64(base, "base")], f"{out}.spatial")
+    row = ctx.node("Mul", [ctx.node("Div", [o, ctx.ints(kw, f"{out}.kw")], f"{out}.i"), ctx.ints(w, f"{out}.width")], f"{out}.row")
+    spatial = ctx.node("Add", [ctx.node("Add", [row, ctx.node("Mod", [o, ctx.ints(kw, f"{out}.kw")], f"{out}.j")],
+                                        f"{out}.in_window"), ctx.ints(base, f"{out}.base")], f"{out}.spatial")
     # (n·C + c)·H·W for every image and channel: Range over N·C, with N read at run time
     batch = _batch_size(ctx, x, out)
-    planes = ctx.node("Range", [i64(0, "zero"), ctx.node("Mul", [batch, i64(channels, "channels")],
-                                                          f"{out}.planes_count"), i64(1, "one")], f"{out}.planes")
-    plane_start = ctx.node("Mul", [ctx.node("Reshape", [planes, i64([-1, channels, 1], "planes_shape")],
-                                            f"{out}.planes_nc"), i64(h * w, "plane_size")], f"{out}.plane_start")
+    planes = ctx.node("Range", [ctx.ints(0, f"{out}.zero"), ctx.node("Mul", [batch, ctx.ints(channels, f"{out}.channels")],
+                                                          f"{out}.planes_count"), ctx.ints(1, f"{out}.one")], f"{out}.planes")
+    plane_start = ctx.node("Mul", [ctx.node("Reshape", [planes, ctx.ints([-1, channels, 1], f"{out}.planes_shape")],
+                                            f"{out}.planes_nc"), ctx.ints(h * w, f"{out}.plane_size")], f"{out}.plane_start")
     flat = ctx.node("Add", [spatial, plane_start], f"{out}.flat")
-    return ctx.node("Reshape", [flat, i64([-1, channels, ho, wo], "shape")], out)
+    return ctx.node("Reshape", [flat, ctx.ints([-1, channels, ho, wo], f"{out}.shape")], out)
 
 
 @emit("maxpool_grad")
@@ -475,10 +474,9 @@ def _upsample(ctx: EmitContext, value: str, like: Value, kernel, out: str) -> st
     if np.dtype(like.dtype) == np.float32:
         return ctx.node("Resize", [value, "", ctx.const(np.array([1, 1, kh, kw], np.float32), f"const.{out}.scales")],
                         out, mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-    i64 = lambda shape, hint: ctx.const(np.asarray(shape, dtype=np.int64), f"const.{out}.{hint}")
-    view = ctx.node("Reshape", [value, i64([-1, channels, h // kh, 1, w // kw, 1], "view")], f"{out}_view")
-    spread = ctx.node("Expand", [view, i64([1, 1, 1, kh, 1, kw], "spread")], f"{out}_spread")
-    return ctx.node("Reshape", [spread, i64([-1, channels, h, w], "shape")], out)
+    view = ctx.node("Reshape", [value, ctx.ints([-1, channels, h // kh, 1, w // kw, 1], f"{out}.view")], f"{out}_view")
+    spread = ctx.node("Expand", [view, ctx.ints([1, 1, 1, kh, 1, kw], f"{out}.spread")], f"{out}_spread")
+    return ctx.node("Reshape", [spread, ctx.ints([-1, channels, h, w], f"{out}.shape")], out)
 
 
 @emit("avgpool")
@@ -547,35 +545,30 @@ def _scatter_to_windows(ctx: EmitContext, node: Node, argmax: Node) -> str:
     channels, height, width = (int(d) for d in like.shape[1:])
     rows_out, cols_out = (int(d) for d in g.shape[2:])
     windows = kh * kw
-    i64 = lambda value, hint: ctx.const(np.asarray(value, dtype=np.int64), f"const.{out}.{hint}")
     flat = indices.name
-    row = ctx.node("Mod", [ctx.node("Div", [flat, i64(width, "width")], f"{out}.flat_row"), i64(height, "height")],
+    row = ctx.node("Mod", [ctx.node("Div", [flat, ctx.ints(width, f"{out}.width")], f"{out}.flat_row"), ctx.ints(height, f"{out}.height")],
                    f"{out}.row")
-    col = ctx.node("Mod", [flat, i64(width, "width")], f"{out}.col")
-    top = i64((np.arange(rows_out) * sh).reshape(1, 1, rows_out, 1), "window_top")
-    left = i64((np.arange(cols_out) * sw).reshape(1, 1, 1, cols_out), "window_left")
-    offset = ctx.node("Add", [ctx.node("Mul", [ctx.node("Sub", [row, top], f"{out}.dy"), i64(kw, "kw")],
+    col = ctx.node("Mod", [flat, ctx.ints(width, f"{out}.width")], f"{out}.col")
+    top = ctx.ints((np.arange(rows_out) * sh).reshape(1, 1, rows_out, 1), f"{out}.window_top")
+    left = ctx.ints((np.arange(cols_out) * sw).reshape(1, 1, 1, cols_out), f"{out}.window_left")
+    offset = ctx.node("Add", [ctx.node("Mul", [ctx.node("Sub", [row, top], f"{out}.dy"), ctx.ints(kw, f"{out}.kw")],
                                        f"{out}.dy_kw"),
                               ctx.node("Sub", [col, left], f"{out}.dx")], f"{out}.offset")
-    offsets = i64(np.arange(windows).reshape(1, 1, windows, 1, 1), "offsets")
+    offsets = ctx.ints(np.arange(windows).reshape(1, 1, windows, 1, 1), f"{out}.offsets")
     hits = ctx.node("Equal", [ctx.node("Unsqueeze", [offset, ctx.axes([2], f"{out}.offset")], f"{out}.offset5"),
                               offsets], f"{out}.hits")
     mask = ctx.node("Cast", [hits], f"{out}.mask", to=dtype)
     spread = ctx.node("Mul", [mask, ctx.node("Unsqueeze", [g.name, ctx.axes([2], f"{out}.g")], f"{out}.g5")],
                       f"{out}.spread")
-    stacked = ctx.node("Reshape", [spread, i64([-1, windows, rows_out, cols_out], "stacked")], f"{out}.stacked")
+    stacked = ctx.node("Reshape", [spread, ctx.ints([-1, windows, rows_out, cols_out], f"{out}.stacked")], f"{out}.stacked")
     kernels = np.eye(windows).reshape(windows, 1, kh, kw).astype(np.dtype(g.dtype))
     placed = ctx.node("ConvTranspose", [stacked, ctx.const(kernels, f"const.{out}.kernels")], f"{out}.placed",
                       kernel_shape=[kh, kw], strides=[sh, sw],
                       output_padding=[(height - kh) % sh, (width - kw) % sw])
-    return ctx.node("Reshape", [placed, i64([-1, channels, height, width], "shape")], out)
+    return ctx.node("Reshape", [placed, ctx.ints([-1, channels, height, width], f"{out}.shape")], out)
 
 
 # ---------------------------------------------------------------- sequences
-def _i64(ctx: EmitContext, value, hint: str) -> str:
-    return ctx.const(np.asarray(value, dtype=np.int64), f"const.{hint}")
-
-
 @emit("embedding")
 def emit_embedding(ctx, node):
     ctx.node("Gather", _names(node), node.output.name, axis=0)
@@ -587,16 +580,16 @@ def emit_embedding_grad(ctx, node):
     g, ids, like = node.inputs
     out = node.output.name
     vocab, dim = (int(d) for d in like.shape)
-    flat_ids = ctx.node("Reshape", [ids.name, _i64(ctx, [-1, 1], "column")], f"{out}.ids")
-    hits = ctx.node("Equal", [flat_ids, _i64(ctx, np.arange(vocab), f"{out}.vocab")], f"{out}.hits")
+    flat_ids = ctx.node("Reshape", [ids.name, ctx.ints([-1, 1], "column")], f"{out}.ids")
+    hits = ctx.node("Equal", [flat_ids, ctx.ints(np.arange(vocab), f"{out}.vocab")], f"{out}.hits")
     onehot = ctx.node("Cast", [hits], f"{out}.onehot", to=ONNX_DTYPES[g.dtype])
-    rows = ctx.node("Reshape", [g.name, _i64(ctx, [-1, dim], f"{out}.rows")], f"{out}.g")
+    rows = ctx.node("Reshape", [g.name, ctx.ints([-1, dim], f"{out}.rows")], f"{out}.g")
     ctx.node("Gemm", [onehot, rows], out, transA=1)
 
 
 @emit("time_step")
 def emit_time_step(ctx, node):
-    ctx.node("Gather", [node.inputs[0].name, _i64(ctx, node.attr("t"), f"step{node.attr('t')}")],
+    ctx.node("Gather", [node.inputs[0].name, ctx.ints(node.attr("t"), f"step{node.attr('t')}")],
              node.output.name, axis=1)
 
 
@@ -610,9 +603,9 @@ def emit_stack_steps(ctx, node):
 @emit("slice_axis")
 def emit_slice_axis(ctx, node):
     (x,), out = node.inputs, node.output.name
-    ctx.node("Slice", [x.name, _i64(ctx, [node.attr("start")], f"{out}.start"),
-                       _i64(ctx, [node.attr("end")], f"{out}.end"),
-                       _i64(ctx, [node.attr("axis") % x.rank], f"{out}.axis")], out)
+    ctx.node("Slice", [x.name, ctx.ints([node.attr("start")], f"{out}.start"),
+                       ctx.ints([node.attr("end")], f"{out}.end"),
+                       ctx.ints([node.attr("axis") % x.rank], f"{out}.axis")], out)
 
 
 @emit("pad_axis")
@@ -621,7 +614,7 @@ def emit_pad_axis(ctx, node):
     pads = np.zeros(2 * x.rank, dtype=np.int64)
     axis = node.attr("axis") % x.rank
     pads[axis], pads[x.rank + axis] = node.attr("before"), node.attr("after")
-    ctx.node("Pad", [x.name, _i64(ctx, pads, f"{out}.pads")], out)
+    ctx.node("Pad", [x.name, ctx.ints(pads, f"{out}.pads")], out)
 
 
 @emit("concat")
@@ -632,7 +625,7 @@ def emit_concat(ctx, node):
 @emit("fold_time")
 def emit_fold_time(ctx, node):
     (x,), out = node.inputs, node.output.name
-    ctx.node("Reshape", [x.name, _i64(ctx, [-1, *(int(d) for d in x.shape[2:])], f"{out}.shape")], out)
+    ctx.node("Reshape", [x.name, ctx.ints([-1, *(int(d) for d in x.shape[2:])], f"{out}.shape")], out)
 
 
 @emit("unfold_time")
@@ -641,11 +634,11 @@ def emit_unfold_time(ctx, node):
     (y, like), out = node.inputs, node.output.name
     rest = [int(d) for d in y.shape[1:]]
     if isinstance(like.shape[1], int):
-        ctx.node("Reshape", [y.name, _i64(ctx, [-1, like.shape[1], *rest], f"{out}.shape")], out)
+        ctx.node("Reshape", [y.name, ctx.ints([-1, like.shape[1], *rest], f"{out}.shape")], out)
         return
-    batch_time = ctx.node("Slice", [ctx.node("Shape", [like.name], f"{out}.like_shape"), _i64(ctx, [0], "zero1"),
-                                    _i64(ctx, [2], "two1"), _i64(ctx, [0], "zero1")], f"{out}.batch_time")
-    shape = ctx.node("Concat", [batch_time, _i64(ctx, rest, f"{out}.rest")], f"{out}.shape", axis=0)
+    batch_time = ctx.node("Slice", [ctx.node("Shape", [like.name], f"{out}.like_shape"), ctx.ints([0], "zero1"),
+                                    ctx.ints([2], "two1"), ctx.ints([0], "zero1")], f"{out}.batch_time")
+    shape = ctx.node("Concat", [batch_time, ctx.ints(rest, f"{out}.rest")], f"{out}.shape", axis=0)
     ctx.node("Reshape", [y.name, shape], out)
 
 
@@ -677,9 +670,9 @@ def emit_recurrent(ctx, node):
         attrs["activations"] = [{"tanh": "Tanh", "relu": "Relu"}[node.attr("activation", "tanh")]]
     time_first = ctx.node("Transpose", [x.name], f"{out}.time_first", perm=[1, 0, 2])
     # the zero initial state (1, m, H), spelled out: some runtimes (tract) cannot size it for a symbolic m
-    batch = ctx.node("Gather", [ctx.node("Shape", [x.name], f"{out}.x_shape"), _i64(ctx, [0], "zero1")],
+    batch = ctx.node("Gather", [ctx.node("Shape", [x.name], f"{out}.x_shape"), ctx.ints([0], "zero1")],
                      f"{out}.batch", axis=0)
-    state_shape = ctx.node("Concat", [_i64(ctx, [1], "one1"), batch, _i64(ctx, [attrs["hidden_size"]], f"{out}.units")],
+    state_shape = ctx.node("Concat", [ctx.ints([1], "one1"), batch, ctx.ints([attrs["hidden_size"]], f"{out}.units")],
                            f"{out}.state_shape", axis=0)
     zero = helper.make_tensor("zero", ONNX_DTYPES[x.dtype], [1], [0.0])
     initial = ctx.node("ConstantOfShape", [state_shape], f"{out}.initial_state", value=zero)
@@ -687,10 +680,10 @@ def emit_recurrent(ctx, node):
     if node.attr("last"):
         ctx.nodes.append(helper.make_node(_RECURRENT_OPS[node.op], inputs, [f"{out}.y", f"{out}.h"], name=f"{out}.y",
                                           **attrs))
-        ctx.node("Squeeze", [f"{out}.h", _i64(ctx, [0], "zero1")], out)
+        ctx.node("Squeeze", [f"{out}.h", ctx.ints([0], "zero1")], out)
         return
     ctx.nodes.append(helper.make_node(_RECURRENT_OPS[node.op], inputs, [f"{out}.y"], name=f"{out}.y", **attrs))
-    steps = ctx.node("Squeeze", [f"{out}.y", _i64(ctx, [1], "one1")], f"{out}.steps")
+    steps = ctx.node("Squeeze", [f"{out}.y", ctx.ints([1], "one1")], f"{out}.steps")
     ctx.node("Transpose", [steps], out, perm=[1, 0, 2])
 
 

@@ -128,11 +128,17 @@ def eliminate_dead_nodes(graph: Graph) -> Graph:
     return replace(graph, nodes=tuple(reversed(kept)))
 
 
+def _made_by(producers: dict[str, Node], value: Value, op: str) -> Node | None:
+    """The node that makes value, if it is an `op` node; else None."""
+    node = producers.get(value.name)
+    return node if node is not None and node.op == op else None
+
+
 def _positive_mask_test(producers: dict[str, Node], value: Value) -> Node | None:
     """The node greater(x, 0) where value is cast(greater(x, 0)), the mask of ReLU's gradient; else None."""
-    cast = producers.get(value.name)
-    greater = producers.get(cast.inputs[0].name) if cast is not None and cast.op == "cast" else None
-    if greater is None or greater.op != "greater" or not _is_scalar_const(producers, greater.inputs[1], 0.0):
+    cast = _made_by(producers, value, "cast")
+    greater = _made_by(producers, cast.inputs[0], "greater") if cast is not None else None
+    if greater is None or not _is_scalar_const(producers, greater.inputs[1], 0.0):
         return None
     return greater
 
@@ -158,8 +164,8 @@ def mask_before_unpooling(graph: Graph) -> Graph:
     for node in graph.nodes:
         if node.op == "mul":
             for unpooled, mask in (node.inputs, node.inputs[::-1]):
-                pool = producers.get(unpooled.name)
-                if pool is None or pool.op != "maxpool_grad" or uses.get(unpooled.name) != 1:
+                pool = _made_by(producers, unpooled, "maxpool_grad")
+                if pool is None or uses.get(unpooled.name) != 1:
                     continue
                 g, x, y = pool.inputs
                 test = _positive_mask_test(producers, mask)
@@ -193,9 +199,9 @@ def sum_before_unpooling(graph: Graph) -> Graph:
     for node in graph.nodes:
         if node.op == "reduce_sum":
             (unpooled,) = node.inputs
-            pool, axes, rank = producers.get(unpooled.name), node.attr("axes"), unpooled.rank
+            pool, axes, rank = _made_by(producers, unpooled, "maxpool_grad"), node.attr("axes"), unpooled.rank
             spatial = axes is None or {rank - 2, rank - 1} <= {a % rank for a in axes}
-            if pool is not None and pool.op == "maxpool_grad" and spatial:
+            if pool is not None and spatial:
                 node, changed = replace(node, inputs=(pool.inputs[0],)), True
         nodes.append(node)
     return eliminate_dead_nodes(replace(graph, nodes=tuple(nodes))) if changed else graph
@@ -213,8 +219,8 @@ def filter_grad_before_unpooling(graph: Graph) -> Graph:
     for node in graph.nodes:
         if node.op == "conv_filter_grad":
             x, unpooled = node.inputs
-            pool = producers.get(unpooled.name)
-            if pool is not None and pool.op == "maxpool_grad" and uses[unpooled.name] == 1:
+            pool = _made_by(producers, unpooled, "maxpool_grad")
+            if pool is not None and uses[unpooled.name] == 1:
                 node = Node("conv_filter_grad_pooled", (x, *pool.inputs), node.output,
                             {**node.attrs, "pool": tuple(pool.attr("kernel"))})
                 changed = True
