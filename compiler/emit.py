@@ -215,6 +215,11 @@ def emit_flatten(ctx, node):
     ctx.node("Flatten", _names(node), node.output.name, axis=1)
 
 
+@emit("ravel")
+def emit_ravel(ctx, node):
+    ctx.node("Reshape", [node.inputs[0].name, ctx.ints([-1], "ravel")], node.output.name)
+
+
 @emit("one_hot")
 def emit_one_hot(ctx, node):
     # onehot[i, k] = (labels[i] == k): Equal against 0..depth−1, then Cast

@@ -34,6 +34,22 @@ from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, Slots, clip_by_g
 RECURRENT_LOWERINGS = ("op", "unrolled")      # `dlnc compile --recurrent`: one ONNX op per layer, or plain ops
 
 
+FLAT = "params"     # the training step's input of every trainable parameter, flattened and joined
+
+
+@dataclass(frozen=True)
+class FlatView:
+    """A trainable parameter as the training step takes it: elements offset … offset + size of
+    the flat `params` input, shaped. The caller binds it as a view of that input (no copy)."""
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
 @dataclass(frozen=True)
 class TrainStepSpec:
     params: tuple[ParamSpec, ...]
@@ -45,6 +61,17 @@ class TrainStepSpec:
     noise: tuple[tuple[str, tuple], ...]  # dropout noise inputs, U(0, 1), per step
     updates: Mapping[str, str]            # input name -> output name of its new value
     loss: str = "loss"
+    flat: tuple[FlatView, ...] = ()       # the trainable parameters, views of the input FLAT
+
+
+def initial_values(spec: TrainStepSpec) -> dict[str, np.ndarray]:
+    """Every input of the training step but the mini-batch and the hyperparameters, at its
+    initial value: parameters, optimiser state, buffers, and FLAT joined from the trainable
+    parameters' initial values (so one array of each is the source of truth)."""
+    values = {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
+    if spec.flat:
+        values[FLAT] = np.concatenate([np.ravel(values[v.name]) for v in spec.flat])
+    return values
 
 
 @dataclass(frozen=True)
@@ -170,32 +197,43 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
     optimizer = OPTIMIZERS[program.train.optimizer.kind]
     scale = optimizer.gradient_scale(ctx) if optimizer.gradient_scale is not None and trainable else None
     grads = grad(b, cost, [ctx.param_values[n] for n in trainable], seed=scale) if trainable else {}
-    if program.train.clip_norm is not None and grads:
-        grads = clip_by_global_norm(ctx, grads, program.train.clip_norm, scale)
 
     alpha = decayed_lr(ctx, program.train)
     step = b.input("step", ())
     t = b.add(step, b.scalar(1.0), name="new.step")
     state = [StateSpec("step", np.zeros((), dtype=dtype))]
     updates = {"step": t}
-    shared: dict[str, Value] = {}
+    flat: list[FlatView] = []
+    if trainable:
+        # one update over every trainable parameter at once: the parameters enter twice, shaped
+        # (for the forward pass) and as FLAT (for the update), and the caller binds the shaped
+        # inputs as views of FLAT; the gradients are joined once. Each op of the update then
+        # makes one pass over all parameters, not one per tensor.
+        offset = 0
+        for name in trainable:
+            shape = tuple(int(d) for d in ctx.param_values[name].shape)
+            flat.append(FlatView(name, offset, shape))
+            offset += flat[-1].size
+        w = b.input(FLAT, (offset,))
+        pieces = [b.op("ravel", grads[name]) for name in trainable]
+        g = b.op("concat", *pieces, axis=0) if len(pieces) > 1 else pieces[0]
+        if program.train.clip_norm is not None:
+            g = clip_by_global_norm(ctx, g, program.train.clip_norm, scale)
+        shared: dict[str, Value] = {}
 
-    def scalar_slot(name: str, init: float) -> Value:
-        if name not in shared:
-            shared[name] = b.input(name, ())
-            state.append(StateSpec(name, np.asarray(init, dtype=dtype)))
-        return shared[name]
+        def scalar_slot(name: str, init: float) -> Value:
+            if name not in shared:
+                shared[name] = b.input(name, ())
+                state.append(StateSpec(name, np.asarray(init, dtype=dtype)))
+            return shared[name]
 
-    for name in trainable:
-        w = ctx.param_values[name]
-
-        def tensor_slot(role: str, w=w) -> Value:
-            value = b.input(f"{w.name}.{role}", w.shape)
+        def tensor_slot(role: str) -> Value:
+            value = b.input(f"{FLAT}.{role}", w.shape)
             state.append(StateSpec(value.name, np.zeros(w.shape, dtype=dtype)))
             return value
 
-        new_w, new_slots = optimizer.update(ctx, w, grads[name], alpha, t, Slots(tensor_slot, scalar_slot))
-        updates[name] = new_w
+        new_w, new_slots = optimizer.update(ctx, w, g, alpha, t, Slots(tensor_slot, scalar_slot))
+        updates[FLAT] = new_w
         updates.update(new_slots)
     updates.update(ctx.buffer_updates)
     state.extend(ctx.buffers)
@@ -206,7 +244,7 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
         params=tuple(ctx.params), trainable=trainable, state=tuple(state),
         hyper=dict(ctx.hyper_defaults), x=x.name, y=y.name,
         noise=tuple((v.name, v.shape) for v in ctx.noise),
-        updates={k: f"new.{k}" for k in updates})
+        updates={k: f"new.{k}" for k in updates}, flat=tuple(flat))
     return ctx, graph, spec
 
 

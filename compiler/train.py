@@ -80,20 +80,15 @@ def decayed_lr(ctx: LowerContext, train: ast.Train) -> Value:
     return b.mul(lr, b.op("pow", factor, b.op("floor", b.div(epoch, every))), name="alpha")
 
 
-def clip_by_global_norm(ctx: LowerContext, grads: dict[str, Value], clip: float,
-                        scale: Value | None = None) -> dict[str, Value]:
-    """g ← g·c/max(‖g‖, c). With gradients that arrive scaled, g' = a·g, the same clip is
-    g' ← g'·(a·c)/max(‖g'‖, a·c)."""
+def clip_by_global_norm(ctx: LowerContext, g: Value, clip: float, scale: Value | None = None) -> Value:
+    """g ← g·c/max(‖g‖, c), g every gradient joined into one vector. With gradients that arrive
+    scaled, g' = a·g, the same clip is g' ← g'·(a·c)/max(‖g'‖, a·c)."""
     b = ctx.b
     c = ctx.hyperparameter("clip_norm", clip)
     if scale is not None:
         c = b.mul(scale, c)
-    squares = [b.op("reduce_sum", b.mul(g, g), axes=None, keepdims=False) for g in grads.values()]
-    total = squares[0]
-    for s in squares[1:]:
-        total = b.add(total, s)
-    factor = b.div(c, b.op("maximum", b.op("sqrt", total), c), name="clip_scale")
-    return {name: b.mul(g, factor) for name, g in grads.items()}
+    norm = b.op("sqrt", b.op("reduce_sum", b.mul(g, g), axes=None, keepdims=False))
+    return b.mul(g, b.div(c, b.op("maximum", norm, c), name="clip_scale"))
 
 
 # ---------------------------------------------------------------- optimisers
@@ -104,12 +99,14 @@ def clip_by_global_norm(ctx: LowerContext, grads: dict[str, Value], clip: float,
 #     tensor. With a = 1 − β, the average β·v + (1 − β)·dW is β·v + g': two passes, not three;
 #   - a moment may be kept scaled by a per-step scalar, so that its update needs no multiply
 #     of g'. The scale is itself state, so a β changed mid-run (`dlnc tune`) rescales exactly.
-# A rule gets the context, the parameter, its scaled gradient g', α, the step t (from 1) and the
-# optimiser's `Slots`; it returns the new parameter and {state input: new value}.
+# A rule gets the context, the parameters, their scaled gradient g', α, the step t (from 1) and
+# the optimiser's `Slots`; it returns the new parameters and {state input: new value}. It is
+# called once, on every trainable parameter flattened into one vector (`build_train_step`), so
+# each of its ops is one pass over all of them.
 @dataclass(frozen=True)
 class Slots:
-    """The optimiser state a rule asks for: `tensor(role)` is a per-parameter slot shaped like
-    it (`<param>.<role>`), `scalar(name, init)` one scalar shared by every parameter."""
+    """The optimiser state a rule asks for: `tensor(role)` is a slot shaped like the parameter
+    vector (`params.<role>`), `scalar(name, init)` one scalar."""
     tensor: Callable[[str], Value]
     scalar: Callable[[str, float], Value]
 

@@ -93,7 +93,7 @@ def _check_creatable(out: Path) -> None:
 
 def identity(program: ast.Program, compiled: Compiled, splits: Splits, config: dict) -> checkpoint.Identity:
     spec = compiled.spec
-    layout = {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
+    layout = {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}   # as StepRunner.arrays()
     return checkpoint.Identity(program.name, config["source_sha256"], config["config_sha256"],
                                splits.source_hash, checkpoint.layout_hash(layout))
 

@@ -4,6 +4,10 @@ The training step's parameters and optimiser state live in OrtValues, in two set
 turn: step k reads set A and writes set B, step k + 1 reads B and writes A. Both IOBindings
 are made once, so a step copies no weights and rebinds nothing but the mini-batch.
 
+The trainable parameters live in one flat OrtValue per set (the step's input `params`, see
+`compiler.program.FlatView`); each parameter's own input is bound to its slice of that buffer by
+address, so the forward pass reads the same memory the update writes, with no copy.
+
 Where the values live:
 - cpu: every OrtValue wraps a numpy array the runner owns (no copies). A mini-batch array is
   bound as it is (zero-copy, about 1 µs an input), and the cost is read from the numpy array
@@ -24,7 +28,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from compiler.program import Compiled
+from compiler.program import FLAT, Compiled, initial_values
 from dsl.errors import DlnError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -117,15 +121,18 @@ class StepRunner:
         self.device = ort_device(device)
         self.session = session or make_session(compiled.train_step.SerializeToString(), device, threads)
         self.input_dtypes = {i.name: NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
-        initial = {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
+        initial = initial_values(spec)
         self.updated = tuple(spec.updates)                      # inputs with a new value each step
-        fixed = [name for name in initial if name not in spec.updates]  # frozen parameters
+        self.views = {v.name: v for v in spec.flat}             # trainable parameters: slices of FLAT
+        fixed = [name for name in initial if name not in spec.updates and name not in self.views]  # frozen
         # the runner's own copies: training must not write through to compiled.spec
-        self.sets = [{n: self._ortvalue(initial[n]) for n in self.updated} for _ in range(2)]
+        self._flat_host: list[np.ndarray | None] = [None, None]    # cpu: the arrays behind FLAT
+        self.sets = [self._new_set(initial, i) for i in range(2)]
         self.fixed = {n: self._ortvalue(initial[n]) for n in fixed}
         self.hyper = {name: self._ortvalue(np.asarray(v, np.float32)) for name, v in spec.hyper.items()}
         self._loss = np.zeros((), np.float32)                   # host memory on every device
         self.loss = ort.OrtValue.ortvalue_from_numpy(self._loss)
+        self._view_values = [self._make_views(i) for i in range(2)]
         self.bindings = [self._bind(src, dst) for src, dst in ((0, 1), (1, 0))]
         self.current = 0                                        # the set that holds the latest values
         self._batch_buffers: dict[tuple, dict[str, ort.OrtValue]] = {}   # cuda: per batch shape
@@ -137,11 +144,36 @@ class StepRunner:
         array = np.array(array, order="C", copy=True)          # own memory, never the caller's
         return ort.OrtValue.ortvalue_from_numpy(array, *self.device)
 
+    def _new_set(self, initial: Mapping[str, np.ndarray], index: int) -> dict[str, ort.OrtValue]:
+        values = {}
+        for name in self.updated:
+            array = np.array(initial[name], order="C", copy=True)
+            if name == FLAT and not self.on_device:
+                self._flat_host[index] = array                  # the parameters' views slice it
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array, *self.device)
+        return values
+
+    def _make_views(self, index: int) -> dict[str, ort.OrtValue]:
+        """On the CPU, each trainable parameter of set `index` as an OrtValue over its slice of
+        FLAT (no copy; `values()` hands them out). A device buffer cannot be sliced into an
+        OrtValue, so on CUDA `values()` copies the slices instead."""
+        if self.on_device or not self.views:
+            return {}
+        flat = self._flat_host[index]
+        return {v.name: ort.OrtValue.ortvalue_from_numpy(flat[v.offset:v.offset + v.size].reshape(v.shape))
+                for v in self.views.values()}
+
     def _bind(self, src: int, dst: int) -> ort.IOBinding:
         io = self.session.io_binding()
         for name in self.updated:
             io.bind_ortvalue_input(name, self.sets[src][name])
             io.bind_ortvalue_output(self.spec.updates[name], self.sets[dst][name])
+        if self.views:
+            flat = self.sets[src][FLAT]
+            dtype = NUMPY_DTYPES.get(flat.data_type(), np.float32)
+            itemsize = np.dtype(dtype).itemsize
+            for v in self.views.values():     # a parameter's input: its slice of FLAT, by address
+                io.bind_input(v.name, *self.device, dtype, list(v.shape), flat.data_ptr() + v.offset * itemsize)
         for name, value in {**self.fixed, **self.hyper}.items():
             io.bind_ortvalue_input(name, value)
         io.bind_ortvalue_output(self.spec.loss, self.loss)
@@ -214,16 +246,34 @@ class StepRunner:
             start = end
 
     def values(self) -> dict[str, ort.OrtValue]:
-        """The latest parameters, buffers and optimiser state, as OrtValues (no copy)."""
-        return {**self.fixed, **self.sets[self.current]}
+        """The latest parameters (each trainable one as its slice of FLAT), buffers and optimiser
+        state, as OrtValues: no copy on the CPU; on CUDA the slices are copied."""
+        current = self.sets[self.current]
+        views = self._view_values[self.current]
+        if self.views and not views:                            # cuda
+            flat = current[FLAT].numpy()
+            views = {v.name: self._ortvalue(flat[v.offset:v.offset + v.size].reshape(v.shape))
+                     for v in self.views.values()}
+        return {**self.fixed, **current, **views}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: value.numpy().copy() for name, value in self.values().items()}
+        """Host copies of every value by name; FLAT is left out, its views carry it."""
+        return {name: value.numpy().copy() for name, value in self.values().items() if name != FLAT}
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Overwrite the latest values (restoring the best weights, or resuming)."""
-        values = self.values()
+        """Overwrite the latest values (restoring the best weights, or resuming); a trainable
+        parameter is written into its slice of FLAT."""
+        current = {**self.fixed, **self.sets[self.current]}
+        into_flat = {name: array for name, array in arrays.items() if name in self.views}
+        if into_flat:
+            flat = current[FLAT].numpy()
+            for name, array in into_flat.items():
+                view = self.views[name]
+                flat[view.offset:view.offset + view.size] = np.ravel(array)
+            current[FLAT].update_inplace(flat)
         for name, array in arrays.items():
-            target = values[name]
+            if name in into_flat:
+                continue
+            target = current[name]
             dtype = NUMPY_DTYPES.get(target.data_type(), np.float32)
             target.update_inplace(np.asarray(array, dtype=dtype, order="C"))

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
-from compiler.program import Compiled
+from compiler.program import FLAT, Compiled
 from dsl import ast
 from dsl.errors import DlnError
 
@@ -196,9 +196,10 @@ def _non_finite(program: ast.Program, what: str, epoch: int, step: int, batch: i
 
 
 def _first_non_finite(runner: StepRunner) -> tuple[str, str] | None:
-    """(name, "NaN" or "Inf") of the first updated value that is not finite."""
+    """(name, "NaN" or "Inf") of the first updated value that is not finite (a trainable
+    parameter by its own name, not as part of the flat vector of all of them)."""
     values = runner.values()
-    for name in runner.updated:
+    for name in [*runner.views, *(n for n in runner.updated if n != FLAT)]:
         array = values[name].numpy()
         if not np.isfinite(array).all():
             return name, "NaN" if np.isnan(array).any() else "Inf"

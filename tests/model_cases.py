@@ -10,7 +10,7 @@ import onnx
 
 import dsl
 from compiler.emit import DEFAULT_OPSET
-from compiler.program import Compiled, compile_program, with_weights
+from compiler.program import Compiled, compile_program, initial_values, with_weights
 from runtime.cli import compile_with_data, load_data, source_hash
 
 from conftest import EXAMPLES
@@ -158,7 +158,7 @@ def train_feeds(compiled: Compiled, rows: int = 8, seed: int = 0) -> dict[str, n
     else:
         y = rng.normal(size=declared[spec.y]).astype(np.float32)
     feeds = {spec.x: x, spec.y: y}
-    feeds |= {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
+    feeds |= initial_values(spec)
     feeds |= {name: np.asarray(v, np.float32) for name, v in spec.hyper.items()}
     feeds |= {name: rng.uniform(size=declared[name]).astype(np.float32) for name, _ in spec.noise}
     missing = set(declared) - set(feeds)

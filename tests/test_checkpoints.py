@@ -72,7 +72,8 @@ def test_a_checkpoint_holds_what_a_resume_needs(tmp_path, dlnc):
     assert meta["model"] == "rich" and meta["rng"]["shuffle"]["bit_generator"] == "PCG64" and "noise" in meta["rng"]
     assert len(meta["history"]) == meta["epoch"] and meta["step"] > 0
     assert meta["early_stopping"]["has_best_weights"] and meta["early_stopping"]["best_epoch"] >= 1
-    assert "dense_1.W" in found.arrays and "dense_1.W.v" in found.arrays and "step" in found.arrays
+    assert "dense_1.W" in found.arrays and "params.v" in found.arrays and "step" in found.arrays
+    assert "params" not in found.arrays          # the parameters are saved by name, once
     assert any(name.startswith(checkpoint.BEST) for name in found.arrays)
     assert any("running" in name or "mean" in name or "var" in name for name in found.arrays)   # batchnorm
     with np.load(tmp_path / "run" / checkpoint.FOLDER / meta["arrays"], allow_pickle=False) as archive:

@@ -51,18 +51,18 @@ def test_compile_writes_both_models_that_pass_the_checker(tmp_path, dlnc):
         assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
     step = onnx.load(str(tmp_path / "out" / "train_step.onnx"))
     inputs = {i.name for i in step.graph.input}
-    assert {"lr", "beta1", "beta2", "eps", "step", "hidden.W", "hidden.W.v", "x", "y"} <= inputs
+    assert {"lr", "beta1", "beta2", "eps", "step", "hidden.W", "params", "params.v", "x", "y"} <= inputs
 
 
 def test_training_graph_runs_the_same_in_the_reference_evaluator(tmp_path, dlnc):
     import onnxruntime as ort
     import dsl
-    from compiler.program import compile_program
+    from compiler.program import compile_program, initial_values
     compiled = compile_program(dsl.load(TINY))
     spec = compiled.spec
     rng = np.random.default_rng(0)
     feeds = {spec.x: rng.normal(size=(8, 4)).astype(np.float32), spec.y: np.arange(8, dtype=np.int64) % 3}
-    feeds |= {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
+    feeds |= initial_values(spec)
     feeds |= {name: np.asarray(v, np.float32) for name, v in spec.hyper.items()}
     session = ort.InferenceSession(compiled.train_step.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, feeds)

@@ -32,7 +32,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 import dsl
-from compiler.program import compile_program
+from compiler.program import compile_program, initial_values
 from dsl import ast
 from runtime.session import StepRunner
 from torch_reference import TorchNet, assert_within, parity_differences, torch_optimizer
@@ -224,7 +224,7 @@ def test_training_step_agrees_in_onnxruntime_and_reference(name, count):
     assert any(n.op_type == "If" for n in compiled.train_step.graph.node) == one_channel
     spec = compiled.spec
     x, y = synthetic_images(compiled.program)
-    feeds = ({p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
+    feeds = (initial_values(spec)
              | {k: np.asarray(v, np.float32) for k, v in spec.hyper.items()} | {spec.x: x[:count], spec.y: y[:count]})
     got = run_ort(compiled.train_step, feeds)
     want = ReferenceEvaluator(compiled.train_step).run(None, feeds)
