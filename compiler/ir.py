@@ -56,7 +56,7 @@ OPS: Mapping[str, str] = {
     "reshape_as": "y = x reshaped to the shape of `like`",
     "expand_as": "y = x broadcast to the shape of `like`",
     "flatten": "y = x reshaped to (m, everything else)",
-    "ravel": "y = x reshaped to one axis of all its elements (static shapes only)",
+    "as_row": "y = x reshaped to one row, (1, number of elements) (static shapes only)",
     # 2-D convolution and pooling, NCHW. attrs: strides (sh, sw), pads (top, left, bottom, right),
     # kernel (kh, kw); output size ⌊(n + p_begin + p_end − k) / s⌋ + 1
     "conv": "y[n, f] = Σ_c x[n, c] ⋆ w[f, c] + b[f] (cross-correlation), x (m, C, H, W), w (F, C, kh, kw), "

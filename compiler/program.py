@@ -34,13 +34,13 @@ from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, Slots, clip_by_g
 RECURRENT_LOWERINGS = ("op", "unrolled")      # `dlnc compile --recurrent`: one ONNX op per layer, or plain ops
 
 
-FLAT = "params"     # the training step's input of every trainable parameter, flattened and joined
+FLAT = "params"     # the training step's input of every trainable parameter, flattened and joined: (1, n)
 
 
 @dataclass(frozen=True)
 class FlatView:
     """A trainable parameter as the training step takes it: elements offset … offset + size of
-    the flat `params` input, shaped. The caller binds it as a view of that input (no copy)."""
+    the flat `params` input (one row), shaped. The caller binds it as a view of that input."""
     name: str
     offset: int
     shape: tuple[int, ...]
@@ -70,7 +70,7 @@ def initial_values(spec: TrainStepSpec) -> dict[str, np.ndarray]:
     parameters' initial values (so one array of each is the source of truth)."""
     values = {p.name: p.init for p in spec.params} | {s.name: s.init for s in spec.state}
     if spec.flat:
-        values[FLAT] = np.concatenate([np.ravel(values[v.name]) for v in spec.flat])
+        values[FLAT] = np.concatenate([np.ravel(values[v.name]) for v in spec.flat])[None, :]
     return values
 
 
@@ -214,9 +214,9 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
             shape = tuple(int(d) for d in ctx.param_values[name].shape)
             flat.append(FlatView(name, offset, shape))
             offset += flat[-1].size
-        w = b.input(FLAT, (offset,))
-        pieces = [b.op("ravel", grads[name]) for name in trainable]
-        g = b.op("concat", *pieces, axis=0) if len(pieces) > 1 else pieces[0]
+        w = b.input(FLAT, (1, offset))
+        pieces = [b.op("as_row", grads[name]) for name in trainable]
+        g = b.op("concat", *pieces, axis=1) if len(pieces) > 1 else pieces[0]
         if program.train.clip_norm is not None:
             g = clip_by_global_norm(ctx, g, program.train.clip_norm, scale)
         shared: dict[str, Value] = {}

@@ -151,12 +151,12 @@ def shape_flatten(inputs, attrs):
     return x.dtype, (x.shape[0], int(np.prod(rest, dtype=np.int64)))
 
 
-@rule("ravel")
-def shape_ravel(inputs, attrs):
+@rule("as_row")
+def shape_as_row(inputs, attrs):
     (x,) = inputs
     if any(isinstance(d, str) for d in x.shape):
-        raise ShapeError(f"ravel needs a static shape; got {x.shape}")
-    return x.dtype, (int(np.prod(x.shape, dtype=np.int64)),)
+        raise ShapeError(f"as_row needs a static shape; got {x.shape}")
+    return x.dtype, (1, int(np.prod(x.shape, dtype=np.int64)))
 
 
 @rule("one_hot")

@@ -204,7 +204,7 @@ def vjp_reduce_mean(b, g, node):
     return (b.div(_expand_back(b, g, x, node), _reduced_count(b, x, axes)),)
 
 
-@vjp("unsqueeze", "reshape_as", "flatten", "ravel")
+@vjp("unsqueeze", "reshape_as", "flatten", "as_row")
 def vjp_reshape(b, g, node):
     x = node.inputs[0]
     return (b.op("reshape_as", g, x),) + (None,) * (len(node.inputs) - 1)

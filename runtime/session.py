@@ -159,7 +159,7 @@ class StepRunner:
         OrtValue, so on CUDA `values()` copies the slices instead."""
         if self.on_device or not self.views:
             return {}
-        flat = self._flat_host[index]
+        flat = self._flat_host[index].reshape(-1)
         return {v.name: ort.OrtValue.ortvalue_from_numpy(flat[v.offset:v.offset + v.size].reshape(v.shape))
                 for v in self.views.values()}
 
@@ -251,7 +251,7 @@ class StepRunner:
         current = self.sets[self.current]
         views = self._view_values[self.current]
         if self.views and not views:                            # cuda
-            flat = current[FLAT].numpy()
+            flat = current[FLAT].numpy().reshape(-1)
             views = {v.name: self._ortvalue(flat[v.offset:v.offset + v.size].reshape(v.shape))
                      for v in self.views.values()}
         return {**self.fixed, **current, **views}
@@ -267,9 +267,10 @@ class StepRunner:
         into_flat = {name: array for name, array in arrays.items() if name in self.views}
         if into_flat:
             flat = current[FLAT].numpy()
+            row = flat.reshape(-1)
             for name, array in into_flat.items():
                 view = self.views[name]
-                flat[view.offset:view.offset + view.size] = np.ravel(array)
+                row[view.offset:view.offset + view.size] = np.ravel(array)
             current[FLAT].update_inplace(flat)
         for name, array in arrays.items():
             if name in into_flat:

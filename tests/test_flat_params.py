@@ -44,7 +44,8 @@ def test_the_flat_layout_covers_every_trainable_parameter_once_in_order():
     inits = {p.name: p.init for p in spec.params}
     assert all(v.shape == inits[v.name].shape for v in spec.flat)
     joined = initial_values(spec)[FLAT]
-    assert joined.shape == (offsets[-1],)
+    assert joined.shape == (1, offsets[-1])
+    joined = joined[0]
     for v in spec.flat:
         np.testing.assert_array_equal(joined[v.offset:v.offset + v.size].reshape(v.shape), inits[v.name])
     # the frozen layer is a plain input, outside the vector and its optimiser state
@@ -57,7 +58,7 @@ def test_the_runner_binds_each_parameter_to_its_slice_of_the_flat_buffer():
     for k in range(3):
         runner.step(batch(k))
     values = runner.values()
-    flat = values[FLAT].numpy()
+    flat = values[FLAT].numpy()[0]
     for v in c.spec.flat:
         np.testing.assert_array_equal(values[v.name].numpy(), flat[v.offset:v.offset + v.size].reshape(v.shape))
     arrays = runner.arrays()

@@ -103,7 +103,7 @@ CASES = [
     Case("reshape_as", ((3, 4),), extra=(np.zeros((2, 6)),)),
     Case("expand_as", ((1, 4),), extra=(np.zeros((3, 4)),)),
     Case("flatten", ((3, 2, 2),)),
-    Case("ravel", ((3, 2, 2),)),
+    Case("as_row", ((3, 2, 2),)),
     Case("softmax_cross_entropy", (("N", 4),), extra=(labels(3, 4),)),
     Case("sigmoid_bce", (("N", 1),), extra=(np.array([[1.0], [0.0], [1.0]]),)),
     Case("mse", (("N", 2),), extra=(np.arange(6.0).reshape(3, 2) / 6,)),
