@@ -96,3 +96,17 @@ def test_arrays_then_load_resumes_the_same_training():
         assert first.step(batch(k)) == second.step(batch(k))
     for name, array in first.arrays().items():
         np.testing.assert_array_equal(second.arrays()[name], array, err_msg=name)
+
+
+def test_values_copy_the_slices_where_the_flat_buffer_cannot_be_viewed():
+    """On CUDA no OrtValue can view a slice of device memory, so values() copies the slices out
+    of FLAT instead (the branch runs here with the CPU views withheld)."""
+    c = compiled()
+    runner = StepRunner(c, "cpu", 1)
+    runner.step(batch(0))
+    viewed = {name: value.numpy().copy() for name, value in runner.values().items()}
+    runner._view_values = [{}, {}]
+    copied = runner.values()
+    assert set(copied) == set(viewed)
+    for name, array in viewed.items():
+        np.testing.assert_array_equal(copied[name].numpy(), array, err_msg=name)
