@@ -49,6 +49,10 @@ class FlatView:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    def of(self, flat: np.ndarray) -> np.ndarray:
+        """This parameter in an array laid out as FLAT (any shape, C order): a view, shaped."""
+        return flat.reshape(-1)[self.offset:self.offset + self.size].reshape(self.shape)
+
 
 @dataclass(frozen=True)
 class TrainStepSpec:

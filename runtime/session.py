@@ -159,9 +159,7 @@ class StepRunner:
         OrtValue, so on CUDA `values()` copies the slices instead."""
         if self.on_device or not self.views:
             return {}
-        flat = self._flat_host[index].reshape(-1)
-        return {v.name: ort.OrtValue.ortvalue_from_numpy(flat[v.offset:v.offset + v.size].reshape(v.shape))
-                for v in self.views.values()}
+        return {v.name: ort.OrtValue.ortvalue_from_numpy(v.of(self._flat_host[index])) for v in self.views.values()}
 
     def _bind(self, src: int, dst: int) -> ort.IOBinding:
         io = self.session.io_binding()
@@ -251,9 +249,8 @@ class StepRunner:
         current = self.sets[self.current]
         views = self._view_values[self.current]
         if self.views and not views:                            # cuda
-            flat = current[FLAT].numpy().reshape(-1)
-            views = {v.name: self._ortvalue(flat[v.offset:v.offset + v.size].reshape(v.shape))
-                     for v in self.views.values()}
+            flat = current[FLAT].numpy()
+            views = {v.name: self._ortvalue(v.of(flat)) for v in self.views.values()}
         return {**self.fixed, **current, **views}
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -267,10 +264,8 @@ class StepRunner:
         into_flat = {name: array for name, array in arrays.items() if name in self.views}
         if into_flat:
             flat = current[FLAT].numpy()
-            row = flat.reshape(-1)
             for name, array in into_flat.items():
-                view = self.views[name]
-                row[view.offset:view.offset + view.size] = np.ravel(array)
+                self.views[name].of(flat)[...] = np.reshape(array, self.views[name].shape)
             current[FLAT].update_inplace(flat)
         for name, array in arrays.items():
             if name in into_flat:
