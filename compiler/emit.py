@@ -134,8 +134,15 @@ def emit_cast(ctx, node):
 
 @emit("dense")
 def emit_dense(ctx, node):
-    # Gemm: Y = X·Wᵀ + b
-    ctx.node("Gemm", _names(node), node.output.name, transB=1)
+    # batch-first out, Gemm: Y = X·Wᵀ + b, with X = xᵀ (transA) where x comes feature-major;
+    # feature-major out, Gemm: Yᵀ = W·Xᵀ + b, the bias a column (n_out, 1) broadcast over the batch
+    x, w, bias = _names(node)
+    out, x_t = node.output.name, int(node.attr("x_t", 0))
+    if node.attr("y_t", 0):
+        column = ctx.node("Unsqueeze", [bias, ctx.axes((1,), out)], f"{out}.bias_column")
+        ctx.node("Gemm", [w, x, column], out, transB=1 - x_t)
+    else:
+        ctx.node("Gemm", [x, w, bias], out, transA=x_t, transB=1)
 
 
 @emit("matmul")
@@ -157,28 +164,28 @@ def _reduce(ctx: EmitContext, op_type: str, x: str, axes, keepdims: bool, out: s
 @emit("reduce_sum", "reduce_mean")
 def emit_reduce(ctx, node):
     (x,) = node.inputs
-    if node.op == "reduce_sum" and x.rank == 2 and tuple(node.attr("axes") or ()) == (0,) \
-            and not node.attr("keepdims", False):
-        return _sum_of_rows(ctx, x, node.output.name)
+    axes = tuple(a % x.rank for a in node.attr("axes") or ())
+    if node.op == "reduce_sum" and x.rank == 2 and len(axes) == 1 and not node.attr("keepdims", False):
+        return _sum_by_gemv(ctx, x, axes[0], node.output.name)
     op_type = "ReduceSum" if node.op == "reduce_sum" else "ReduceMean"
     _reduce(ctx, op_type, node.inputs[0].name, node.attr("axes"), node.attr("keepdims", False), node.output.name)
 
 
-def _sum_of_rows(ctx: EmitContext, x: Value, out: str) -> str:
-    """Σᵢ x[i, :] as the vector-matrix product 1ᵀ·x, with 1 a length-N vector of ones: a bias
-    gradient. ONNX Runtime runs that MatMul as one GEMV; its ReduceSum over axis 0 of a
-    (512, 256) gradient took 54 µs on 2 threads against the GEMV's 5 (bench/NOTES.md, section 11).
-    All sums over the same batch share one vector of ones."""
-    rows = x.shape[0]
-    if isinstance(rows, int):
-        ones = ctx.const(np.ones(rows, dtype=np.dtype(x.dtype)), f"const.{out}.ones")
+def _sum_by_gemv(ctx: EmitContext, x: Value, axis: int, out: str) -> str:
+    """Σᵢ x[i, :] as the vector-matrix product 1ᵀ·x (axis 0), Σⱼ x[:, j] as x·1 (axis 1), with 1 a
+    vector of ones: a bias gradient, batch-first or feature-major. ONNX Runtime runs that MatMul as
+    one GEMV; its ReduceSum over axis 0 of a (512, 256) gradient took 54 µs on 2 threads against the
+    GEMV's 5 (bench/NOTES.md, section 11). All sums over the same batch share one vector of ones."""
+    size = x.shape[axis]
+    if isinstance(size, int):
+        ones = ctx.const(np.ones(size, dtype=np.dtype(x.dtype)), f"const.{out}.ones")
     else:
-        ones = f"ones.{rows}.{x.dtype}"
+        ones = f"ones.{size}.{x.dtype}"
         if not any(ones in n.output for n in ctx.nodes):
-            count = ctx.node("Slice", [ctx.node("Shape", [x.name], f"{ones}.shape"), ctx.ints([0], "zero_1d"),
-                                       ctx.ints([1], "one_1d")], f"{ones}.count")
+            count = ctx.node("Slice", [ctx.node("Shape", [x.name], f"{ones}.shape"), ctx.ints([axis], f"index_{axis}"),
+                                       ctx.ints([axis + 1], f"index_{axis + 1}")], f"{ones}.count")
             ctx.node("ConstantOfShape", [count], ones, value=helper.make_tensor("one", ONNX_DTYPES[x.dtype], [1], [1.0]))
-    return ctx.node("MatMul", [ones, x.name], out)
+    return ctx.node("MatMul", [ones, x.name] if axis == 0 else [x.name, ones], out)
 
 
 @emit("unsqueeze")

@@ -46,7 +46,8 @@ OPS: Mapping[str, str] = {
     "greater": "y = a > b (bool)",
     "where": "y = a where c else b",
     "cast": "y = x as attr dtype",
-    "dense": "y = x·Wᵀ + b, x (m, n_in), W (n_out, n_in), b (n_out,)",
+    "dense": "y = x·Wᵀ + b, x (m, n_in), W (n_out, n_in), b (n_out,); attr x_t: x comes feature-major, as xᵀ "
+             "(n_in, m); attr y_t: y goes out feature-major, as yᵀ (n_out, m)",
     "matmul": "y = op(a)·op(b), op transposes when attr trans_a / trans_b",
     "reduce_sum": "y = Σ x over attr axes (None: all), keepdims",
     "reduce_mean": "y = mean of x over attr axes (None: all), keepdims",

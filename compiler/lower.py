@@ -15,7 +15,7 @@ even k pads one more row at the bottom and one more column at the right.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -87,6 +87,9 @@ class LowerContext:
     vocab: int = 0                    # token programs: the vocabulary size the data defines (`vocab`)
     steps: int | None = None          # token programs: the training window T
     recurrent: str = "op"             # the exported model's recurrent layers: one ONNX op, or "unrolled" over T
+    feature_major: bool = False       # keep activations between dense layers (features, N) (the training step)
+    kept_feature_major: frozenset[str] = frozenset()     # the dense layers that do (`feature_major_layers`)
+    transposed: set[str] = field(default_factory=set)    # the values held feature-major
 
     def param(self, layer: ast.Layer, role: str, init: np.ndarray, regularized: bool) -> Value:
         name = f"{layer.name}.{role}"
@@ -157,14 +160,31 @@ def lower_dense(ctx: LowerContext, layer: ast.Dense, a: Value) -> Value:
     if units == "vocab":
         raise error("`vocab` is the vocabulary of text data, and this program reads none; write the number of units",
                     layer.spans.get("units", layer.span), ctx.program)
-    n_in = int(a.shape[1])
+    x_t, y_t = a.name in ctx.transposed, layer.name in ctx.kept_feature_major
+    n_in = int(a.shape[0 if x_t else 1])
     w = ctx.param(layer, "W", init_weights(ctx.rng, (units, n_in), n_in, layer.activation.kind), True)
     bias = ctx.param(layer, "b", np.zeros(units), False)
-    z = b.op("dense", a, w, bias, name=f"{layer.name}.Z")
-    ctx.pre_activation[layer.name] = z
+    layout = {attr: 1 for attr, on in (("x_t", x_t), ("y_t", y_t)) if on}
+    z = b.op("dense", a, w, bias, name=f"{layer.name}.Z", **layout)
+    ctx.pre_activation[layer.name] = z                  # (units, N) where y_t; only the last layer's is read
     ctx.infos.append(LayerInfo(layer.name, "dense", ((w.name, w.shape), (bias.name, bias.shape)),
                                ("N", units), 2 * n_in * units + units))
-    return ACTIVATIONS[layer.activation.kind](b, z, layer.activation, layer.name)
+    out = ACTIVATIONS[layer.activation.kind](b, z, layer.activation, layer.name)
+    if y_t:
+        ctx.transposed.add(out.name)
+    return out
+
+
+def feature_major_layers(layers: Sequence[ast.Layer]) -> frozenset[str]:
+    """The dense layers whose output goes straight into another dense layer, through an elementwise
+    activation. The training step keeps their activations feature-major, (features, N): every Gemm
+    of the chain, forward and backward, then runs with its operands as stored or with W transposed,
+    never with the batch on the transposed side, which ONNX Runtime's Gemm runs slower (up to 19 %
+    for the first layer's weight gradient at batch 512, 32 % for its forward pass at batch 32;
+    bench/NOTES.md section 21). The exported model stays batch-first throughout."""
+    return frozenset(layer.name for layer, after in zip(layers, layers[1:])
+                     if isinstance(layer, ast.Dense) and isinstance(after, ast.Dense)
+                     and layer.activation.kind != "softmax")
 
 
 def _image_input(ctx: LowerContext, layer: ast.Layer, kind: str, a: Value) -> tuple[int, int, int]:
@@ -360,6 +380,8 @@ def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | No
     except ShapeError as exc:
         raise error(f"input {program.input.name}: {exc}", program.input.span, program) from None
     a = lower_input(ctx, x, normalization)
+    if ctx.feature_major:
+        ctx.kept_feature_major = feature_major_layers(program.layers)
     for layer in program.layers:
         a = lower_layer(ctx, layer, a)
     return a

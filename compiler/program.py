@@ -109,8 +109,9 @@ def _check_freeze(program: ast.Program) -> tuple[str, ...]:
 
 def _new_context(program: ast.Program, training: bool, dtype: str, vocab: int = 0,
                  steps: int | None = None, recurrent: str = "op") -> LowerContext:
+    """The training step keeps dense chains feature-major; the exported models are batch-first."""
     return LowerContext(Builder(dtype), program, training, np.random.default_rng(program.train.seed),
-                        vocab=vocab, steps=steps, recurrent=recurrent)
+                        vocab=vocab, steps=steps, recurrent=recurrent, feature_major=training)
 
 
 def has_recurrent(program: ast.Program) -> bool:

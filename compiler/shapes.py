@@ -83,9 +83,10 @@ def shape_dense(inputs, attrs):
     x, w, b = inputs
     if x.rank != 2 or w.rank != 2 or b.shape != (w.shape[0],):
         raise ShapeError(f"dense needs x (m, n), W (k, n), b (k,); got {x.shape}, {w.shape}, {b.shape}")
-    if x.shape[1] != w.shape[1]:
-        raise ShapeError(f"dense input has {x.shape[1]} features but W expects {w.shape[1]}")
-    return x.dtype, (x.shape[0], w.shape[0])
+    (n, m) = x.shape if attrs.get("x_t") else x.shape[::-1]
+    if n != w.shape[1]:
+        raise ShapeError(f"dense input has {n} features but W expects {w.shape[1]}")
+    return x.dtype, (w.shape[0], m) if attrs.get("y_t") else (m, w.shape[0])
 
 
 @rule("matmul")

@@ -168,10 +168,14 @@ def vjp_where(b, g, node):
 
 @vjp("dense")
 def vjp_dense(b, g, node):
-    # y = x Wᵀ + b:  dx = g W,  dW = gᵀ x,  db = Σ_rows g
+    # Y = X Wᵀ + b with X = x or xᵀ (x_t), Y = y or yᵀ (y_t), G the gradient of Y:
+    #   dX = G W,  dW = Gᵀ X,  db = Σ_m G;  each gradient comes in its value's layout
+    #   (x_t: dxᵀ = Wᵀ Gᵀ), and Gᵀ is g itself when y is feature-major
     x, w, _ = node.inputs
-    return (b.op("matmul", g, w), b.op("matmul", g, x, trans_a=1),
-            b.op("reduce_sum", g, axes=(0,), keepdims=False))
+    x_t, y_t = int(node.attr("x_t", 0)), int(node.attr("y_t", 0))
+    dx = b.op("matmul", w, g, trans_a=1, trans_b=1 - y_t) if x_t else b.op("matmul", g, w, trans_a=y_t, trans_b=0)
+    return (dx, b.op("matmul", g, x, trans_a=1 - y_t, trans_b=x_t),
+            b.op("reduce_sum", g, axes=(y_t,), keepdims=False))
 
 
 @vjp("matmul")
