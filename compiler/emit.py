@@ -175,7 +175,9 @@ def _sum_by_gemv(ctx: EmitContext, x: Value, axis: int, out: str) -> str:
     """Σᵢ x[i, :] as the vector-matrix product 1ᵀ·x (axis 0), Σⱼ x[:, j] as x·1 (axis 1), with 1 a
     vector of ones: a bias gradient, batch-first or feature-major. ONNX Runtime runs that MatMul as
     one GEMV; its ReduceSum over axis 0 of a (512, 256) gradient took 54 µs on 2 threads against the
-    GEMV's 5 (bench/NOTES.md, section 11). All sums over the same batch share one vector of ones."""
+    GEMV's 5 (bench/NOTES.md, section 11). All sums over the same batch share one vector of ones.
+    x·1 multiplies by a column (N, 1) and squeezes: ONNX Runtime's MatMul with a 1-D right operand
+    does not run as a GEMV (two of them cost the MLP's step 10 %, bench/NOTES.md section 21)."""
     size = x.shape[axis]
     if isinstance(size, int):
         ones = ctx.const(np.ones(size, dtype=np.dtype(x.dtype)), f"const.{out}.ones")
@@ -185,7 +187,13 @@ def _sum_by_gemv(ctx: EmitContext, x: Value, axis: int, out: str) -> str:
             count = ctx.node("Slice", [ctx.node("Shape", [x.name], f"{ones}.shape"), ctx.ints([axis], f"index_{axis}"),
                                        ctx.ints([axis + 1], f"index_{axis + 1}")], f"{ones}.count")
             ctx.node("ConstantOfShape", [count], ones, value=helper.make_tensor("one", ONNX_DTYPES[x.dtype], [1], [1.0]))
-    return ctx.node("MatMul", [ones, x.name] if axis == 0 else [x.name, ones], out)
+    if axis == 0:
+        return ctx.node("MatMul", [ones, x.name], out)
+    column = f"{ones}.column"
+    if not any(column in n.output for n in ctx.nodes):
+        ctx.node("Unsqueeze", [ones, ctx.axes((1,), column)], column)
+    product = ctx.node("MatMul", [x.name, column], f"{out}.column")
+    return ctx.node("Squeeze", [product, ctx.axes((1,), out)], out)
 
 
 @emit("unsqueeze")
