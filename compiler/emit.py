@@ -262,7 +262,14 @@ def _batch_size(ctx: EmitContext, value: Value, out: str) -> str:
 
 @emit("softmax_cross_entropy")
 def emit_softmax_cross_entropy(ctx, node):
-    ctx.node("SoftmaxCrossEntropyLoss", _names(node), node.output.name, reduction="mean")
+    # J = −(1/m) Σᵢ log softmax(zᵢ)[yᵢ]: LogSoftmax, each row's label entry picked by GatherElements,
+    # the mean, negated. 5 nodes where ONNX Runtime expands SoftmaxCrossEntropyLoss into 10
+    # (reshapes and an ignore_index path): about 1 % of an MLP step at batch 32 (bench/NOTES.md section 21)
+    (z, y), out = _names(node), node.output.name
+    log_p = ctx.node("LogSoftmax", [z], f"{out}.log_softmax", axis=1)
+    labels = ctx.node("Unsqueeze", [y, ctx.axes((1,), out)], f"{out}.labels")
+    picked = ctx.node("GatherElements", [log_p, labels], f"{out}.picked", axis=1)
+    ctx.node("Neg", [_reduce(ctx, "ReduceMean", picked, None, False, f"{out}.mean")], out)
 
 
 @emit("sigmoid_bce")
