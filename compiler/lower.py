@@ -14,6 +14,7 @@ even k pads one more row at the bottom and one more column at the right.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -87,8 +88,7 @@ class LowerContext:
     vocab: int = 0                    # token programs: the vocabulary size the data defines (`vocab`)
     steps: int | None = None          # token programs: the training window T
     recurrent: str = "op"             # the exported model's recurrent layers: one ONNX op, or "unrolled" over T
-    feature_major: bool = False       # keep activations between dense layers (features, N) (the training step)
-    kept_feature_major: frozenset[str] = frozenset()     # the dense layers that do (`feature_major_layers`)
+    kept_feature_major: frozenset[str] = frozenset()     # dense layers whose output stays (features, N)
     transposed: set[str] = field(default_factory=set)    # the values held feature-major
 
     def param(self, layer: ast.Layer, role: str, init: np.ndarray, regularized: bool) -> Value:
@@ -182,7 +182,7 @@ def feature_major_layers(layers: Sequence[ast.Layer]) -> frozenset[str]:
     never with the batch on the transposed side, which ONNX Runtime's Gemm runs slower (up to 19 %
     for the first layer's weight gradient at batch 512, 32 % for its forward pass at batch 32;
     bench/NOTES.md section 21). The exported model stays batch-first throughout."""
-    return frozenset(layer.name for layer, after in zip(layers, layers[1:])
+    return frozenset(layer.name for layer, after in itertools.pairwise(layers)
                      if isinstance(layer, ast.Dense) and isinstance(after, ast.Dense)
                      and layer.activation.kind != "softmax")
 
@@ -380,8 +380,6 @@ def lower_network(ctx: LowerContext, x: Value, normalization: Normalization | No
     except ShapeError as exc:
         raise error(f"input {program.input.name}: {exc}", program.input.span, program) from None
     a = lower_input(ctx, x, normalization)
-    if ctx.feature_major:
-        ctx.kept_feature_major = feature_major_layers(program.layers)
     for layer in program.layers:
         a = lower_layer(ctx, layer, a)
     return a

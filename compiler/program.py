@@ -25,7 +25,8 @@ from . import __version__
 from .autodiff import grad
 from .emit import DEFAULT_OPSET, resolve_target, to_onnx
 from .ir import Builder, Graph, Value
-from .lower import LayerInfo, LowerContext, Normalization, ParamSpec, StateSpec, error, lower_network
+from .lower import (LayerInfo, LowerContext, Normalization, ParamSpec, StateSpec, error, feature_major_layers,
+                    lower_network)
 from .lower_sequence import check_token_input, sequence_loss, token_sizes, unrolled
 from .simplify import simplify
 from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, Slots, clip_by_global_norm, data_loss, decayed_lr, \
@@ -111,7 +112,8 @@ def _new_context(program: ast.Program, training: bool, dtype: str, vocab: int = 
                  steps: int | None = None, recurrent: str = "op") -> LowerContext:
     """The training step keeps dense chains feature-major; the exported models are batch-first."""
     return LowerContext(Builder(dtype), program, training, np.random.default_rng(program.train.seed),
-                        vocab=vocab, steps=steps, recurrent=recurrent, feature_major=training)
+                        vocab=vocab, steps=steps, recurrent=recurrent,
+                        kept_feature_major=feature_major_layers(program.layers) if training else frozenset())
 
 
 def has_recurrent(program: ast.Program) -> bool:

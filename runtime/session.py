@@ -31,9 +31,8 @@ import warnings
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
-import onnxruntime as ort
-
 import onnx
+import onnxruntime as ort
 
 from compiler.program import FLAT, Compiled, TrainStepSpec, initial_values
 from dsl.errors import DlnError

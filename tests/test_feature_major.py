@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-import compiler.lower
+import compiler.program
 import dsl
 from compiler.lower import feature_major_layers
 from compiler.program import compile_program
@@ -87,7 +87,7 @@ def run(compiled, steps: int = 4):
 
 def test_feature_major_trains_as_the_batch_first_step(monkeypatch):
     losses, arrays = run(compile_program(dsl.load(MLP)))
-    monkeypatch.setattr(compiler.lower, "feature_major_layers", lambda layers: frozenset())
+    monkeypatch.setattr(compiler.program, "feature_major_layers", lambda layers: frozenset())
     batch_first = compile_program(dsl.load(MLP))
     assert shapes(batch_first.train_step)["dense_1"][1] == 6
     reference_losses, reference = run(batch_first)
