@@ -7,7 +7,7 @@ are made once, so a step copies no weights and rebinds nothing but the mini-batc
 A value whose update may overwrite it (`in_place_updates`: every read of it comes first) has
 one buffer that both sets share, so the step writes its new value over the old. The large ones
 (the flat parameters, Adam's moments) usually qualify; that halves the memory the update
-streams through (2 to 6 % faster MLP steps, bench/NOTES.md section 21).
+streams through (1 to 6 % faster MLP steps, bench/NOTES.md section 21).
 
 The trainable parameters live in one flat OrtValue per set (the step's input `params`, see
 `compiler.program.FlatView`); each parameter's own input is bound to its slice of that buffer by
