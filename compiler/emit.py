@@ -82,6 +82,10 @@ class EmitContext:
         self.initializers[name] = array
         return name
 
+    def made(self, name: str) -> bool:
+        """Whether a node emitted so far outputs `name` (a value shared by several rules)."""
+        return any(name in node.output for node in self.nodes)
+
     def ints(self, value, hint: str) -> str:
         """An int64 constant (a shape, axes, indices) named after `hint`."""
         return self.const(np.asarray(value, dtype=np.int64), f"const.{hint}")
@@ -183,14 +187,14 @@ def _sum_by_gemv(ctx: EmitContext, x: Value, axis: int, out: str) -> str:
         ones = ctx.const(np.ones(size, dtype=np.dtype(x.dtype)), f"const.{out}.ones")
     else:
         ones = f"ones.{size}.{x.dtype}"
-        if not any(ones in n.output for n in ctx.nodes):
+        if not ctx.made(ones):
             count = ctx.node("Slice", [ctx.node("Shape", [x.name], f"{ones}.shape"), ctx.ints([axis], f"index_{axis}"),
                                        ctx.ints([axis + 1], f"index_{axis + 1}")], f"{ones}.count")
             ctx.node("ConstantOfShape", [count], ones, value=helper.make_tensor("one", ONNX_DTYPES[x.dtype], [1], [1.0]))
     if axis == 0:
         return ctx.node("MatMul", [ones, x.name], out)
     column = f"{ones}.column"
-    if not any(column in n.output for n in ctx.nodes):
+    if not ctx.made(column):
         ctx.node("Unsqueeze", [ones, ctx.axes((1,), column)], column)
     product = ctx.node("MatMul", [x.name, column], f"{out}.column")
     return ctx.node("Squeeze", [product, ctx.axes((1,), out)], out)

@@ -137,9 +137,10 @@ def in_place_updates(graph: onnx.GraphProto, spec: TrainStepSpec) -> frozenset[s
     Values read elsewhere (Adam's scalar k, read beside the node making new k; a weight that an
     L2 cost term reads only for the reported loss) keep two buffers."""
     producer = {out: node for node in graph.node for out in node.output}
+    reads = {id(node): _reads(node) for node in graph.node}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in _reads(node):
+        for name in reads[id(node)]:
             readers.setdefault(name, []).append(node)
     aliases = {FLAT: [v.name for v in spec.flat]}
     safe = set()
@@ -147,14 +148,14 @@ def in_place_updates(graph: onnx.GraphProto, spec: TrainStepSpec) -> frozenset[s
         writer = producer.get(new)
         if writer is None:
             continue
-        ancestors, stack = set(), list(_reads(writer))
+        ancestors, stack = set(), list(reads[id(writer)])
         while stack:
             node = producer.get(stack.pop())
             if node is not None and id(node) not in ancestors:
                 ancestors.add(id(node))
-                stack.extend(_reads(node))
-        reads = [r for alias in [name, *aliases.get(name, ())] for r in readers.get(alias, ())]
-        if all(id(r) in ancestors or (r is writer and r.op_type in ELEMENTWISE) for r in reads):
+                stack.extend(reads[id(node)])
+        uses = [r for alias in [name, *aliases.get(name, ())] for r in readers.get(alias, ())]
+        if all(id(r) in ancestors or (r is writer and r.op_type in ELEMENTWISE) for r in uses):
             safe.add(name)
     return frozenset(safe)
 
