@@ -12,6 +12,7 @@ import dsl
 from compiler.emit import DEFAULT_OPSET
 from compiler.program import Compiled, compile_program, initial_values, with_weights
 from runtime.cli import compile_with_data, load_data, source_hash
+from runtime.session import StepRunner
 
 from conftest import EXAMPLES
 
@@ -164,3 +165,15 @@ def train_feeds(compiled: Compiled, rows: int = 8, seed: int = 0) -> dict[str, n
     missing = set(declared) - set(feeds)
     assert not missing, f"train_feeds does not know the inputs {sorted(missing)}"
     return feeds
+
+
+def trained(compiled: Compiled, steps: int, seed: int = 0) -> tuple[StepRunner, np.ndarray, dict[str, np.ndarray]]:
+    """`steps` training steps on one thread, each on a new mini-batch of `train_feeds`; the runner,
+    the losses and the final arrays."""
+    spec, runner = compiled.spec, StepRunner(compiled, "cpu", 1)
+    batch_inputs = (spec.x, spec.y, *(name for name, _ in spec.noise))
+    losses = []
+    for k in range(steps):
+        feeds = train_feeds(compiled, seed=seed + k)
+        losses.append(runner.step({name: feeds[name] for name in batch_inputs}))
+    return runner, np.array(losses), runner.arrays()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from model_cases import trained
 
 import compiler.program
 import dsl
 from compiler.lower import feature_major_layers
 from compiler.program import compile_program
-from runtime.session import StepRunner
 
 
 def program_text(layers: str, input_type: str = "float[5]") -> str:
@@ -77,20 +77,12 @@ def test_the_training_step_holds_the_hidden_activations_feature_major():
     assert all(n.input[0] != "dense_1.W" for n in c.model.graph.node)
 
 
-def run(compiled, steps: int = 4):
-    runner = StepRunner(compiled, "cpu", 1)
-    rng = np.random.default_rng(3)
-    losses = [runner.step({"x": rng.normal(size=(8, 5)).astype(np.float32), "y": rng.integers(0, 3, 8)})
-              for _ in range(steps)]
-    return np.array(losses), runner.arrays()
-
-
 def test_feature_major_trains_as_the_batch_first_step(monkeypatch):
-    losses, arrays = run(compile_program(dsl.load(MLP)))
+    _, losses, arrays = trained(compile_program(dsl.load(MLP)), 4)
     monkeypatch.setattr(compiler.program, "feature_major_layers", lambda layers: frozenset())
     batch_first = compile_program(dsl.load(MLP))
     assert shapes(batch_first.train_step)["dense_1"][1] == 6
-    reference_losses, reference = run(batch_first)
+    _, reference_losses, reference = trained(batch_first, 4)
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     assert arrays.keys() == reference.keys()
     for name in arrays:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from model_cases import trained
 from onnx import TensorProto, helper
 
 import dsl
 import runtime.session
 from compiler.program import FLAT, TrainStepSpec, compile_program
-from runtime.session import StepRunner, in_place_updates
+from runtime.session import in_place_updates
 
 
 def program_text(extra: str = "", optimizer: str = "adam lr=0.05") -> str:
@@ -90,12 +91,7 @@ def test_which_updates_may_overwrite_their_input(nodes, expected):
 
 
 def train(text: str, steps: int = 5):
-    c = compile_program(dsl.load(text))
-    runner = StepRunner(c, "cpu", 1)
-    rng = np.random.default_rng(7)
-    losses = [runner.step({"x": rng.normal(size=(8, 5)).astype(np.float32), "y": rng.integers(0, 3, 8)})
-              for _ in range(steps)]
-    return runner, np.array(losses), runner.arrays()
+    return trained(compile_program(dsl.load(text)), steps)
 
 
 @pytest.mark.parametrize("optimizer", ["adam lr=0.05", "momentum lr=0.1", "rmsprop lr=0.01", "sgd lr=0.1"])
