@@ -67,6 +67,7 @@ class TrainStepSpec:
     updates: Mapping[str, str]            # input name -> output name of its new value
     loss: str = "loss"
     flat: tuple[FlatView, ...] = ()       # the trainable parameters, views of the input FLAT
+    gradient: str | None = None           # the value joining their gradients, one row in `flat` order
 
 
 def initial_values(spec: TrainStepSpec) -> dict[str, np.ndarray]:
@@ -211,6 +212,7 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
     state = [StateSpec("step", np.zeros((), dtype=dtype))]
     updates = {"step": t}
     flat: list[FlatView] = []
+    joined: str | None = None             # the gradients joined as one row
     if trainable:
         # one update over every trainable parameter at once: the parameters enter twice, shaped
         # (for the forward pass) and as FLAT (for the update), and the caller binds the shaped
@@ -223,7 +225,8 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
             offset += flat[-1].size
         w = b.input(FLAT, (1, offset))
         pieces = [b.op("as_row", grads[name]) for name in trainable]
-        g = b.op("concat", *pieces, axis=1) if len(pieces) > 1 else pieces[0]
+        g = b.op("concat", *pieces, axis=1, name="gradient") if len(pieces) > 1 else pieces[0]
+        joined = g.name
         if program.train.clip_norm is not None:
             g = clip_by_global_norm(ctx, g, program.train.clip_norm, scale)
         shared: dict[str, Value] = {}
@@ -251,7 +254,7 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
         params=tuple(ctx.params), trainable=trainable, state=tuple(state),
         hyper=dict(ctx.hyper_defaults), x=x.name, y=y.name,
         noise=tuple((v.name, v.shape) for v in ctx.noise),
-        updates={k: f"new.{k}" for k in updates}, flat=tuple(flat))
+        updates={k: f"new.{k}" for k in updates}, flat=tuple(flat), gradient=joined)
     return ctx, graph, spec
 
 

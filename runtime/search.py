@@ -297,7 +297,7 @@ def _splits_for(program: ast.Program):
 def _graphs_for(program: ast.Program, splits, threads: int | None, result: TrialResult) -> tuple:
     """(Compiled for this trial, train session, eval session): reused when the architecture was seen."""
     from .cli import compile_with_data
-    from .session import make_session
+    from .session import make_session, training_graph
     key = architecture_key(program)
     cached = _CACHE.graphs.pop(key, None)
     if cached is not None:
@@ -313,7 +313,7 @@ def _graphs_for(program: ast.Program, splits, threads: int | None, result: Trial
     compiled = compile_with_data(program, splits)
     result.compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    train_session = make_session(compiled.train_step.SerializeToString(), "cpu", threads)
+    train_session = make_session(training_graph(compiled)[0].SerializeToString(), "cpu", threads)
     eval_session = make_session(compiled.evaluation.SerializeToString(), "cpu", threads)
     result.session_seconds = time.perf_counter() - start
     _CACHE.graphs[key] = (compiled, train_session, eval_session, threads)

@@ -34,7 +34,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compiler.program import FLAT, Compiled, TrainStepSpec, initial_values
+from compiler.gradients_in_place import GRADS, gradients_in_place
+from compiler.onnx_graph import producers, reads
+from compiler.program import FLAT, Compiled, FlatView, TrainStepSpec, initial_values
 from dsl.errors import DlnError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -115,17 +117,16 @@ def ort_device(device: str) -> tuple[str, int]:
     return ("cuda", 0) if device == "cuda" else ("cpu", 0)
 
 
+def training_graph(compiled: Compiled) -> tuple[onnx.ModelProto, tuple[FlatView, ...]]:
+    """The training step the runner runs, and its gradient outputs: where the step joins its
+    gradients into one row, each gradient is an output bound to its slice of the input GRADS,
+    which the update reads, so nothing is copied to join them (`compiler.gradients_in_place`);
+    elsewhere the step as compiled, with none."""
+    bound = gradients_in_place(compiled.train_step, compiled.spec)
+    return (bound.model, bound.outputs) if bound is not None else (compiled.train_step, ())
+
+
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Relu", "Sqrt", "Max", "Min"})
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The values a node reads: its inputs and, in subgraphs (If, Loop), the names they use."""
-    names = {name for name in node.input if name}
-    for attr in node.attribute:
-        for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in graph.node:
-                names |= _reads(inner)
-    return names
 
 
 def in_place_updates(graph: onnx.GraphProto, spec: TrainStepSpec) -> frozenset[str]:
@@ -136,11 +137,11 @@ def in_place_updates(graph: onnx.GraphProto, spec: TrainStepSpec) -> frozenset[s
       output's shape, so nothing broadcasts).
     Values read elsewhere (Adam's scalar k, read beside the node making new k; a weight that an
     L2 cost term reads only for the reported loss) keep two buffers."""
-    producer = {out: node for node in graph.node for out in node.output}
-    reads = {id(node): _reads(node) for node in graph.node}
+    producer = producers(graph)
+    read = {id(node): reads(node) for node in graph.node}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in reads[id(node)]:
+        for name in read[id(node)]:
             readers.setdefault(name, []).append(node)
     aliases = {FLAT: [v.name for v in spec.flat]}
     safe = set()
@@ -148,12 +149,12 @@ def in_place_updates(graph: onnx.GraphProto, spec: TrainStepSpec) -> frozenset[s
         writer = producer.get(new)
         if writer is None:
             continue
-        ancestors, stack = set(), list(reads[id(writer)])
+        ancestors, stack = set(), list(read[id(writer)])
         while stack:
             node = producer.get(stack.pop())
             if node is not None and id(node) not in ancestors:
                 ancestors.add(id(node))
-                stack.extend(reads[id(node)])
+                stack.extend(read[id(node)])
         uses = [r for alias in [name, *aliases.get(name, ())] for r in readers.get(alias, ())]
         if all(id(r) in ancestors or (r is writer and r.op_type in ELEMENTWISE) for r in uses):
             safe.add(name)
@@ -170,18 +171,21 @@ class StepRunner:
         self.spec = spec
         self.on_device = device == "cuda"
         self.device = ort_device(device)
-        self.session = session or make_session(compiled.train_step.SerializeToString(), device, threads)
+        model, self.gradients = training_graph(compiled)
+        self.session = session or make_session(model.SerializeToString(), device, threads)
         self.input_dtypes = {i.name: NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         initial = initial_values(spec)
         self.updated = tuple(spec.updates)                      # inputs with a new value each step
         self.views = {v.name: v for v in spec.flat}             # trainable parameters: slices of FLAT
-        self.in_place = in_place_updates(compiled.train_step.graph, spec)   # one buffer for both sets
+        self.in_place = in_place_updates(model.graph, spec)    # one buffer for both sets
         fixed = [name for name in initial if name not in spec.updates and name not in self.views]  # frozen
         # the runner's own copies: training must not write through to compiled.spec
         self._flat_host: list[np.ndarray | None] = [None, None]    # cpu: the arrays behind FLAT
         self.sets = [self._new_set(initial, 0)]
         self.sets.append(self._new_set(initial, 1, shared=self.sets[0]))
         self.fixed = {n: self._ortvalue(initial[n]) for n in fixed}
+        # the joined gradient, written by the gradient outputs and read by the update (both sets)
+        self._grads = self._ortvalue(np.zeros_like(initial[FLAT])) if self.gradients else None
         self.hyper = {name: self._ortvalue(np.asarray(v, np.float32)) for name, v in spec.hyper.items()}
         self._loss = np.zeros((), np.float32)                   # host memory on every device
         self.loss = ort.OrtValue.ortvalue_from_numpy(self._loss)
@@ -232,6 +236,10 @@ class StepRunner:
             itemsize = np.dtype(dtype).itemsize
             for v in self.views.values():     # a parameter's input: its slice of FLAT, by address
                 io.bind_input(v.name, *self.device, dtype, list(v.shape), flat.data_ptr() + v.offset * itemsize)
+            if self.gradients:
+                io.bind_ortvalue_input(GRADS, self._grads)
+            for v in self.gradients:          # a gradient output: its slice of GRADS, by address
+                io.bind_output(v.name, *self.device, dtype, list(v.shape), self._grads.data_ptr() + v.offset * itemsize)
         for name, value in {**self.fixed, **self.hyper}.items():
             io.bind_ortvalue_input(name, value)
         io.bind_ortvalue_output(self.spec.loss, self.loss)
