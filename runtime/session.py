@@ -47,12 +47,19 @@ NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tens
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """All graph optimisations; a sequential executor whose intra-op pool has `threads` threads
     (None: one per core), spinning between ops (the default: a step is a chain of short ops,
-    and waking a sleeping thread for each would cost more than the op)."""
+    and waking a sleeping thread for each would cost more than the op).
+
+    An op's loop is split into blocks of decreasing size (what is left ÷ the number of threads),
+    claimed as threads come free, not into equal parts fixed in advance: where a core is
+    taken away for a while (a shared or virtual machine), the other threads do its share. The same
+    speed on a quiet machine; 16 to 21 % faster MLP steps while a core was slow (bench/NOTES.md
+    section 22)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.dynamic_block_base", "1")
     options.log_severity_level = 3
     return options
 
