@@ -32,6 +32,7 @@ NO_DATA_EDGE = frozenset({"Shape", "Size"})   # their output depends on a shape,
 
 @dataclass(frozen=True)
 class GradientsInPlace:
+    """The rewritten step, and where its gradient outputs go."""
     model: onnx.ModelProto
     outputs: tuple[FlatView, ...]     # each gradient output: its name, and the slice of GRADS it is bound to
 
@@ -112,13 +113,15 @@ def gradients_in_place(model: onnx.ModelProto, spec: TrainStepSpec) -> Gradients
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    dropped = {i for i, node in enumerate(model.graph.node) if node is concat or any(node is v for v in views)}
-    at = next(i for i, node in enumerate(model.graph.node) if node is concat)
-    nodes = [node for i, node in enumerate(graph.node) if i not in dropped or i == at]
-    at = next(i for i, node in enumerate(nodes) if node.output[0] == concat.output[0])
+    nodes = []                               # the step's nodes with the token in the Concat's place
+    for original, node in zip(model.graph.node, graph.node):
+        if original is concat:
+            nodes += token
+        elif not any(original is view for view in views):
+            nodes.append(node)
     del graph.node[:]
-    graph.node.extend(nodes[:at] + token + nodes[at + 1:])
+    graph.node.extend(nodes)
     graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in constants.items())
     graph.input.append(helper.make_tensor_value_info(GRADS, dtype, [1, n]))
-    graph.output.extend(helper.make_tensor_value_info(p, dtype, list(s)) for p, s in zip(pieces, shapes))
-    return GradientsInPlace(out, tuple(FlatView(p, v.offset, s) for p, v, s in zip(pieces, spec.flat, shapes)))
+    graph.output.extend(helper.make_tensor_value_info(p, dtype, list(shape)) for p, shape in zip(pieces, shapes))
+    return GradientsInPlace(out, tuple(FlatView(p, view.offset, shape) for p, view, shape in zip(pieces, spec.flat, shapes)))
