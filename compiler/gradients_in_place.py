@@ -74,6 +74,9 @@ def _pieces(graph: onnx.GraphProto, spec: TrainStepSpec) -> tuple[onnx.NodeProto
     outputs = {o.name for o in graph.output}
     if len(set(pieces)) != len(pieces) or any(p in outputs for p in pieces):
         return None
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer} | set(producer)
+    if any(name.startswith(GRADS) for name in names):    # the names the rewrite adds are taken
+        return None
     if not all(_depends_on(producer, p, spec.x) for p in pieces):     # computed, never constant
         return None
     return concat, pieces, views

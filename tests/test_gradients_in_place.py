@@ -118,3 +118,27 @@ def test_a_nan_gradient_still_reaches_the_update():
     loss = runner.step({compiled.spec.x: x, compiled.spec.y: np.zeros(4, np.int64)})
     assert np.isnan(loss)
     assert np.isnan(runner.arrays()[compiled.spec.flat[0].name]).all()
+
+
+def test_a_layer_whose_names_the_rewrite_would_take_keeps_the_concat():
+    text = """model clash
+input x: float[5]
+output y: class[3]
+layers {
+  grads: dense 6 relu
+  dense 3 softmax
+}
+train {
+  optimizer adam lr=0.05
+  batch_size 8
+}
+"""
+    compiled = compile_program(dsl.load(text))
+    assert gradients_in_place(compiled.train_step, compiled.spec) is not None     # grads.W, grads.Z: no clash
+    clashing = onnx.ModelProto()
+    clashing.CopyFrom(compiled.train_step)
+    node = next(n for n in clashing.graph.node if n.output[0] == "grads")
+    node.output[0] = GRADS                                  # as if a layer made a value named grads.bound
+    for other in clashing.graph.node:
+        other.input[:] = [GRADS if name == "grads" else name for name in other.input]
+    assert gradients_in_place(clashing, compiled.spec) is None
