@@ -11,7 +11,9 @@ streams through (1 to 6 % faster MLP steps, bench/NOTES.md section 21).
 
 The trainable parameters live in one flat OrtValue per set (the step's input `params`, see
 `compiler.program.FlatView`); each parameter's own input is bound to its slice of that buffer by
-address, so the forward pass reads the same memory the update writes, with no copy.
+address, so the forward pass reads the same memory the update writes, with no copy. The
+gradients go the same way: the runner runs `training_graph`, in which each gradient is an output
+bound to its slice of one buffer that the update reads whole (`compiler.gradients_in_place`).
 
 Where the values live:
 - cpu: every OrtValue wraps a numpy array the runner owns (no copies). A mini-batch array is
