@@ -54,7 +54,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     An op's loop is split into blocks of decreasing size (what is left ÷ the number of threads),
     claimed as threads come free, not into equal parts fixed in advance: where a core is
     taken away for a while (a shared or virtual machine), the other threads do its share. The same
-    speed on a quiet machine; 16 to 21 % faster MLP steps while a core was slow (bench/NOTES.md
+    speed on a quiet machine; 7 to 21 % faster MLP steps while a core was slow (bench/NOTES.md
     section 22)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
