@@ -17,6 +17,7 @@ is the runtime's own: the exported `train_step.onnx` keeps the Concat and runs a
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +61,7 @@ def _pieces(graph: onnx.GraphProto, spec: TrainStepSpec) -> tuple[onnx.NodeProto
     concat = producer.get(spec.gradient or "")
     if concat is None or concat.op_type != "Concat" or len(concat.input) != len(spec.flat):
         return None
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = Counter(name for node in graph.node for name in reads(node))
     pieces, views = [], []
     for name in concat.input:
         node = producer.get(name)

@@ -39,6 +39,7 @@ from dsl.errors import DlnError
 
 from .ir import Value, registrar
 from .lower import LOWER_RULES, LayerInfo, LowerContext, describe, error
+from .onnx_graph import producers, reads
 from .shapes import ShapeError, same_padding
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
@@ -156,28 +157,15 @@ class Cut:
     opset: int
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing graph."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                      list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
-            inner = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-            for sub in graph.node:
-                inner.update(sub.output)
-                names.update(n for n in list(sub.input) + sorted(_subgraph_inputs(sub)) if n and n not in inner)
-    return names
-
-
 def cut(model: onnx.ModelProto, until: str | None, path: Path) -> Cut:
     graph = model.graph
     target = until if until is not None else graph.output[0].name
-    producers = {out: node for node in graph.node for out in node.output if out}
+    producer = producers(graph)
     initializers = {t.name: t for t in graph.initializer}
     inputs = {i.name: i for i in graph.input if i.name not in initializers}
     if target in inputs:
         raise DlnError(f"until=\"{target}\" names the input of {path.name}; cut at a tensor that a node computes")
-    if target not in producers:
+    if target not in producer:
         names = [o for n in graph.node for o in n.output if o]
         from dsl.errors import did_you_mean
         hint = did_you_mean(target, names) or f" — its tensors include {', '.join(names[:8])}" + \
@@ -194,12 +182,11 @@ def cut(model: onnx.ModelProto, until: str | None, path: Path) -> Cut:
             used_inputs.append(name)
         elif name in initializers:
             used_inits.add(name)
-        elif name in producers:
-            node = producers[name]
+        elif name in producer:
+            node = producer[name]
             if id(node) not in {id(n) for n in order}:
                 order.append(node)
-            needed.extend(node.input)
-            needed.extend(_subgraph_inputs(node))
+            needed.extend(reads(node))
     if len(used_inputs) != 1:
         what = "no graph input" if not used_inputs else f"several graph inputs ({', '.join(used_inputs)})"
         raise DlnError(f"the cut of {path.name} at '{target}' depends on {what}; a pretrained trunk takes exactly "
