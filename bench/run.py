@@ -108,6 +108,13 @@ def peer_python(peer: str) -> str | None:
     return path if Path(path).is_file() else None
 
 
+def gpu_peers() -> set[str]:
+    """The peers that --device cuda runs on the GPU: dlnc and PyTorch from this interpreter, and
+    JAX only from an interpreter that $BENCH_JAX_PYTHON names (bench/setup_peers.sh's JAX venv is a
+    CPU build); never onnxruntime-training, whose 1.19.2 wheel here is a CPU build."""
+    return {"dlnc", "torch"} | ({"jax"} if os.environ.get(VENVS["jax"]) else set())
+
+
 # ---------------------------------------------------------------- results
 @dataclass
 class PeerResult:
@@ -200,8 +207,9 @@ def run_config(model: str, batch: int, peers: list[str], args, folder: Path, log
         if model not in PEER_MODELS.get(peer, {model}):
             results[peer].reason = "—"
             continue
-        if args.device == "cuda" and peer in ("jax", "ortt"):
-            results[peer].reason = "CPU-only environment (bench/setup_peers.sh installs CPU builds)"
+        if args.device == "cuda" and peer not in gpu_peers():
+            results[peer].reason = ("CPU-only environment (bench/setup_peers.sh installs CPU builds; for JAX on "
+                                    f"the GPU, set ${VENVS['jax']} to a Python with jax[cuda])")
             continue
         python = peer_python(peer)
         if python is None:

@@ -28,6 +28,9 @@ Where the values live:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import warnings
 from typing import Iterator, Mapping, Sequence
@@ -41,7 +44,11 @@ from compiler.onnx_graph import producers, reads
 from compiler.program import FLAT, Compiled, FlatView, TrainStepSpec, initial_values
 from dsl.errors import DlnError
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+# cuda: float32 products in float32, TensorFloat-32 off (ONNX Runtime turns it on by default;
+# PyTorch's float32 matrix products leave it off), so a step on the GPU computes what it does on
+# the CPU; an op without a CUDA kernel runs on the CPU provider
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]}
 NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
                 "tensor(bool)": np.bool_}
 
@@ -80,9 +87,29 @@ CUDA_NOT_LOADED = ("ONNX Runtime's CUDA provider is installed but did not load "
                    "(check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed)")
 
 
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu needs, once per process.
+
+    Its CUDA provider finds them only on the loader's search path, unless they are loaded
+    first. `ort.preload_dlls` (onnxruntime-gpu 1.21 and later) loads them from the nvidia-*
+    wheels in site-packages (`pip install onnxruntime-gpu[cuda,cudnn]`), then from the search
+    path. It prints a line for each library it cannot find; those lines are dropped here,
+    because `cuda_problem` reports the outcome in one line."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:                                   # the CPU build, or an older onnxruntime
+        return
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(Exception):             # what stays missing, the probe session reports
+            preload()
+
+
 def make_session(model_bytes: bytes, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise DlnError(f"--device cuda: {CUDA_MISSING}; or run with --device cpu")
+    if device == "cuda":
+        preload_cuda_libraries()
     session = ort.InferenceSession(model_bytes, session_options(threads), providers=PROVIDERS[device])
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         # onnxruntime-gpu is installed but its CUDA provider did not load (CUDA or cuDNN missing)
@@ -95,6 +122,7 @@ def cuda_problem() -> str | None:
     whether the provider ONNX Runtime lists actually loads."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return CUDA_MISSING
+    preload_cuda_libraries()
     from onnx import TensorProto, helper
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],

@@ -167,10 +167,11 @@ def train_feeds(compiled: Compiled, rows: int = 8, seed: int = 0) -> dict[str, n
     return feeds
 
 
-def trained(compiled: Compiled, steps: int, seed: int = 0) -> tuple[StepRunner, np.ndarray, dict[str, np.ndarray]]:
+def trained(compiled: Compiled, steps: int, seed: int = 0,
+            device: str = "cpu") -> tuple[StepRunner, np.ndarray, dict[str, np.ndarray]]:
     """`steps` training steps on one thread, each on a new mini-batch of `train_feeds`; the runner,
     the losses and the final arrays."""
-    spec, runner = compiled.spec, StepRunner(compiled, "cpu", 1)
+    spec, runner = compiled.spec, StepRunner(compiled, device, 1)
     batch_inputs = (spec.x, spec.y, *(name for name, _ in spec.noise))
     losses = []
     for k in range(steps):

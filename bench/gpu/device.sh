@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run THERE, in the last device call (see bench/gpu/README.md): joins the onnxruntime-gpu pieces
 # that earlier calls left in /tmp/ortgpu (or that this call carried in .whl/ort), checks the
-# wheel's sha256, installs it and lark into /tmp/site, checks that the CUDA provider loads and
-# trains on it, and runs the benchmark against PyTorch on the same GPU. Everything it prints
-# is also written to $OUT/gpu.log.
+# wheel's sha256, installs it in place of the image's CPU onnxruntime, checks that the CUDA
+# provider loads, trains an example on it, runs the benchmark against PyTorch (and JAX) on the
+# same GPU, the CUDA tests and the step's A/B. Everything it prints is also written to
+# $OUT/gpu.log; the benchmark's JSON to $OUT/bench.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WHEEL=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
@@ -14,16 +15,46 @@ ls -l /tmp/ortgpu
 cat /tmp/ortgpu/part.* > "/tmp/$WHEEL"
 (cd /tmp && sha256sum -c "$OLDPWD/bench/gpu/onnxruntime_gpu.sha256") || { echo "pieces missing or corrupt"; exit 3; }
 [ "${1:-}" = "--check-only" ] && exit 0
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  "/tmp/$WHEEL" .whl/lark/*.whl || exit 4
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+section() { echo; echo "=== $* ($(date +%T))"; }
+
+section "install"
+# as a user's pip would: onnxruntime-gpu in place of onnxruntime, in the site-packages that also
+# holds the nvidia-* CUDA 13 wheels PyTorch brought (where onnxruntime.preload_dlls looks)
+python3 -m pip uninstall -y -q onnxruntime
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "/tmp/$WHEEL" .whl/lark/*.whl || exit 4
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 - <<'PY'
-import onnxruntime as ort, torch
+probe() {
+  python3 - <<'PY'
+import onnxruntime as ort
 from runtime.session import cuda_problem
-print("onnxruntime", ort.__version__, ort.get_available_providers(), "| torch", torch.__version__, torch.cuda.is_available())
-print("CUDA provider:", cuda_problem() or "loads")
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+problem = cuda_problem()
+print("CUDA provider:", problem or "loads")
+raise SystemExit(problem is not None)
 PY
-timeout 120 python3 -m runtime.cli run examples/digits_deep.dln -o /tmp/gpu-run --force --device cuda --quiet
-timeout 420 python3 bench/run.py --device cuda --peers dlnc,torch --models mlp,lenet5,gru_char \
-  --rounds 5 --max-rounds 7 --json "$OUT/bench.json"
+}
+if ! probe; then
+  site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  ls "$site/nvidia"
+  LD_LIBRARY_PATH=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | paste -sd:):${LD_LIBRARY_PATH:-}
+  export LD_LIBRARY_PATH
+  echo "preload_dlls did not find them; with LD_LIBRARY_PATH=$LD_LIBRARY_PATH:"
+  probe || echo "the CUDA provider does not load: the runs below fall back to the CPU"
+fi
+
+section "dlnc run examples/digits_deep.dln --device cuda"
+time timeout 90 python3 -m runtime.cli run examples/digits_deep.dln -o /tmp/gpu-run --force \
+  --device cuda --json > "$OUT/digits_deep.json"
+python3 -c "import json; r = json.load(open('$OUT/digits_deep.json')); print({s: round(1 - v['error'], 4) for s, v in r['splits'].items()})"
+
+section "benchmark: dlnc, PyTorch eager and JAX on the GPU"
+BENCH_JAX_PYTHON=$(command -v python3) timeout 270 python3 bench/run.py --device cuda --peers dlnc,torch,jax \
+  --models mlp,lenet5,gru_char --rounds 5 --max-rounds 5 --json "$OUT/bench.json"
+
+section "tests/test_cuda.py"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25
+
+section "A/B of the step's variants on the GPU"
+timeout 60 python3 bench/gpu/ab_step.py --device cuda --rounds 5 --seconds 0.3
+section "done"

@@ -56,7 +56,7 @@ def setup(request):
     first = compiled.layers[0].flops
     info = {"forward_flops": flops, "train_flops": 3 * flops - first,
             "parameters": int(sum(p.init.size for p in spec.params)),
-            "train_nodes": len(compiled.train_step.graph.node)}
+            "train_nodes": len(compiled.train_step.graph.node), "provider": runner.session.get_providers()[0]}
     return step, info
 
 

@@ -93,8 +93,13 @@ def build(request):
 def setup(request):
     threads = int(request["threads"])
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
+    on_gpu = request.get("device") == "cuda"
+    if on_gpu:      # the GPU's memory as needed, not 75 % of it up front: the other peers share it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
+    if on_gpu != (jax.default_backend() == "gpu"):
+        raise NotAvailable(f"--device {request.get('device', 'cpu')}: this JAX runs on {jax.default_backend()}")
     batch = int(request["batch"])
     params, forward, features, classes = build(request)
     if features is None:

@@ -1,0 +1,84 @@
+"""In-process A/B of the training step's variants on one device, interleaved rounds (bench/NOTES.md):
+
+- as built: what `dlnc run` runs;
+- joined: the gradients joined by the step's Concat (no `compiler.gradients_in_place`);
+- tf32: the CUDA provider with TensorFloat-32 on (ONNX Runtime's default; dlnc turns it off).
+
+Usage: python bench/gpu/ab_step.py [--device cuda] [--rounds 5] [--seconds 0.3]
+Prints steps/s per variant and model, and each variant's median per-round ratio to "as built"."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "peers")]
+
+import dlnc_worker  # noqa: E402
+import run as bench_run  # noqa: E402  (bench/run.py)
+
+from runtime import session  # noqa: E402
+
+CONFIGS = [("mlp", 32), ("mlp", 512), ("gru_char", 32)]
+
+
+def variants(device: str) -> dict[str, dict]:
+    """name -> the module attributes that variant replaces while its runner is built."""
+    joined = {"training_graph": lambda compiled: (compiled.train_step, ())}
+    tf32 = {"PROVIDERS": {**session.PROVIDERS, "cuda": [("CUDAExecutionProvider", {"use_tf32": "1"}),
+                                                       "CPUExecutionProvider"]}}
+    return {"as built": {}, "joined": joined, **({"tf32": tf32} if device == "cuda" else {})}
+
+
+def runner_with(compiled, device: str, threads: int, replaced: dict) -> session.StepRunner:
+    saved = {name: getattr(session, name) for name in replaced}
+    try:
+        for name, value in replaced.items():
+            setattr(session, name, value)
+        return session.StepRunner(compiled, device, threads)
+    finally:
+        for name, value in saved.items():
+            setattr(session, name, value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=0.3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="dlnc-ab-"))
+    bench_run.prepare_models(folder)                       # the models beside the char model's text
+    for model, batch in CONFIGS:
+        compiled = dlnc_worker.compile_model(str(folder / bench_run.MODELS[model]), batch)
+        spec = compiled.spec
+        xs, ys = dlnc_worker.synthetic(compiled, batch)
+        batches = [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
+        runners = {name: runner_with(compiled, args.device, args.threads, replaced)
+                   for name, replaced in variants(args.device).items()}
+        for runner in runners.values():                    # warm-up (cuDNN's algorithm search, allocations)
+            for i in range(20):
+                runner.step(batches[i % len(batches)])
+        rates: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < args.seconds:
+                    runner.step(batches[n % len(batches)])
+                    n += 1
+                rates[name].append(n / (time.perf_counter() - start))
+        base = rates["as built"]
+        cells = [f"{name} {statistics.median(r):.0f}/s"
+                 + ("" if name == "as built" else f" ({statistics.median(a / b for a, b in zip(r, base)):.3f})")
+                 for name, r in rates.items()]
+        provider = runners["as built"].session.get_providers()[0]
+        print(f"{model} batch {batch} [{provider}]: " + ", ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
