@@ -64,7 +64,7 @@ def test_onnx_runtime_keeps_the_order_after_its_optimisations(spec, tmp_path):
 
 
 def plain_step(monkeypatch):
-    monkeypatch.setattr(runtime.session, "training_graph", lambda compiled: (compiled.train_step, ()))
+    monkeypatch.setattr(runtime.session, "training_graph", lambda compiled, device="cpu": (compiled.train_step, ()))
 
 
 @pytest.mark.parametrize("spec", ALL_CASES)

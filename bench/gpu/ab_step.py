@@ -1,8 +1,9 @@
 """In-process A/B of the training step's variants on one device, interleaved rounds (bench/NOTES.md):
 
 - as built: what `dlnc run` runs;
-- joined: the gradients joined by the step's Concat (no `compiler.gradients_in_place`);
-- tf32: the CUDA provider with TensorFloat-32 on (ONNX Runtime's default; dlnc turns it off).
+- on the CPU, joined: the gradients joined by the step's Concat, as on CUDA;
+- on CUDA, in place: the gradients written in place (`compiler.gradients_in_place`), as on the CPU;
+- on CUDA, tf32: TensorFloat-32 on (ONNX Runtime's default; dlnc turns it off).
 
 Usage: python bench/gpu/ab_step.py [--device cuda] [--rounds 5] [--seconds 0.3]
 Prints steps/s per variant and model, and each variant's median per-round ratio to "as built"."""
@@ -28,10 +29,13 @@ CONFIGS = [("mlp", 32), ("mlp", 512), ("gru_char", 32)]
 
 def variants(device: str) -> dict[str, dict]:
     """name -> the module attributes that variant replaces while its runner is built."""
-    joined = {"training_graph": lambda compiled: (compiled.train_step, ())}
+    built = session.training_graph
+    if device == "cpu":
+        return {"as built": {}, "joined": {"training_graph": lambda compiled, device: (compiled.train_step, ())}}
+    in_place = {"training_graph": lambda compiled, device: built(compiled, "cpu")}
     tf32 = {"PROVIDERS": {**session.PROVIDERS, "cuda": [("CUDAExecutionProvider", {"use_tf32": "1"}),
                                                        "CPUExecutionProvider"]}}
-    return {"as built": {}, "joined": joined, **({"tf32": tf32} if device == "cuda" else {})}
+    return {"as built": {}, "in place": in_place, "tf32": tf32}
 
 
 def runner_with(compiled, device: str, threads: int, replaced: dict) -> session.StepRunner:

@@ -1,0 +1,129 @@
+"""Where a training step's time goes on one device, from ONNX Runtime's own profiler.
+
+For each model: the step's wall time, then per (provider, op type) the nodes per step and the
+host time they take per step (on CUDA that is the time to launch each kernel, not to run it:
+a step of small ops is bound by it). Also the cost of one run of a one-node graph (the fixed
+price of a call), and whether the CUDA provider can capture the step as a CUDA graph.
+
+Usage: python bench/gpu/profile_step.py [--device cuda] [--steps 50] [--out folder]"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "peers")]
+
+import dlnc_worker  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import run as bench_run  # noqa: E402  (bench/run.py)
+from onnx import TensorProto, helper  # noqa: E402
+
+from runtime import session as sessions  # noqa: E402
+
+CONFIGS = [("mlp", 32), ("gru_char", 32)]
+
+
+def rate(runner, batches, seconds: float = 1.0) -> float:
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        runner.step(batches[n % len(batches)])
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def profile(compiled, device: str, batches, steps: int, folder: Path) -> dict:
+    model, _ = sessions.training_graph(compiled, device)
+    options = sessions.session_options(2)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / f"{compiled.program.name}")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=sessions.PROVIDERS[device])
+    runner = sessions.StepRunner(compiled, device, 2, session=session)
+    for i in range(steps):
+        runner.step(batches[i % len(batches)])
+    events = json.loads(Path(session.end_profiling()).read_text())
+    table: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            args = event.get("args", {})
+            table[(args.get("provider", "?"), args.get("op_name", "?"))].append(event["dur"])
+    return {key: (len(durs) / steps, sum(durs) / steps) for key, durs in table.items()}
+
+
+def call_cost(device: str, calls: int = 2000) -> float:
+    """µs per run_with_iobinding of a one-node graph on a 32-float tensor bound on the device."""
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = sessions.make_session(model.SerializeToString(), device, 2)
+    where = sessions.ort_device(device)
+    x = ort.OrtValue.ortvalue_from_numpy(np.ones(32, np.float32), *where)
+    y = ort.OrtValue.ortvalue_from_numpy(np.ones(32, np.float32), *where)
+    io = session.io_binding()
+    io.bind_ortvalue_input("x", x)
+    io.bind_ortvalue_output("y", y)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            session.run_with_iobinding(io)
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def cuda_graph_capture(compiled, batches) -> str:
+    """Whether ONNX Runtime's CUDA provider captures the step as it is (enable_cuda_graph)."""
+    model, _ = sessions.training_graph(compiled, "cuda")
+    providers = [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), sessions.session_options(2), providers=providers)
+        runner = sessions.StepRunner(compiled, "cuda", 2, session=session)
+        for i in range(3):
+            runner.step(batches[i % len(batches)])
+        return f"captured: {rate(runner, batches):.0f} steps/s"
+    except Exception as exc:                            # the provider's own message is the finding
+        return f"not captured: {str(exc).splitlines()[0][:300]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", default=None, help="folder for the profiles (default: a temporary one)")
+    args = parser.parse_args()
+    folder = Path(args.out or tempfile.mkdtemp(prefix="dlnc-profile-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    models = Path(tempfile.mkdtemp(prefix="dlnc-models-"))
+    bench_run.prepare_models(models)
+    print(f"one run of a one-node graph: {call_cost(args.device):.1f} µs")
+    for model, batch in CONFIGS:
+        compiled = dlnc_worker.compile_model(str(models / bench_run.MODELS[model]), batch)
+        spec = compiled.spec
+        xs, ys = dlnc_worker.synthetic(compiled, batch)
+        batches = [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
+        plain = sessions.StepRunner(compiled, args.device, 2)
+        for i in range(20):
+            plain.step(batches[i % len(batches)])
+        steps_per_s = rate(plain, batches)
+        table = profile(compiled, args.device, batches, args.steps, folder)
+        nodes = sum(count for count, _ in table.values())
+        host = sum(us for _, us in table.values())
+        print(f"\n{model} batch {batch}: {steps_per_s:.0f} steps/s ({1e6 / steps_per_s:.0f} µs a step), "
+              f"{nodes:.0f} nodes a step taking {host:.0f} µs of host time")
+        print(f"  {'provider':<24} {'op':<22} {'nodes':>6} {'µs/step':>8}")
+        for (provider, op), (count, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:25]:
+            print(f"  {provider:<24} {op:<22} {count:>6.0f} {us:>8.1f}")
+        if args.device == "cuda":
+            print("  CUDA graph:", cuda_graph_capture(compiled, batches))
+
+
+if __name__ == "__main__":
+    main()
