@@ -18,8 +18,8 @@ Gates are column slices of the projections; their gradients meet again as one co
 `simplify.join_padded_pieces`).
 
 The same code unrolls the recurrent layers of an exported model (`dlnc compile --recurrent
-unrolled`), with `plain=True`: the T steps are then stacked by T unsqueezes and one concat rather than
-by `stack_steps` (ONNX's SequenceConstruct + ConcatFromSequence, which onnx2torch cannot convert).
+unrolled`). Either way the T steps are stacked by one `stack_steps`, emitted as a Concat and a
+Reshape, ops that every tool converts.
 """
 from __future__ import annotations
 
@@ -67,19 +67,9 @@ def cell_lstm(b: Builder, xp: Value, hp: Value, state: State, hidden: int, activ
 CELLS: dict[str, Callable[..., State]] = {"rnn": cell_rnn, "gru": cell_gru, "lstm": cell_lstm}
 
 
-def stack(b: Builder, steps: list[Value], name: str | None, plain: bool) -> Value:
-    """y[:, t] = h_t: (m, T, H) from the T steps (m, H); one `stack_steps`, or (`plain`) the steps
-    unsqueezed to (m, 1, H) and joined by one concat on axis 1, ops that every tool converts."""
-    if not plain:
-        return b.op("stack_steps", *steps, name=name)
-    return b.op("concat", *(b.op("unsqueeze", h, axes=(1,)) for h in steps), axis=1, name=name)
-
-
 def unroll(b: Builder, cell: str, x: Value, w: Value, r: Value, bias: Value, *, activation: str = "tanh",
-           last: bool = False, name: str | None = None, plain: bool = False) -> Value:
-    """The output of ONNX's `cell` op over x (m, T, F) with T static: (m, T, H), or h_T (m, H) when `last`.
-
-    `plain` stacks the steps without ONNX's sequence ops (see `stack`), for the exported model."""
+           last: bool = False, name: str | None = None) -> Value:
+    """The output of ONNX's `cell` op over x (m, T, F) with T static: (m, T, H), or h_T (m, H) when `last`."""
     steps = x.shape[1]
     if not isinstance(steps, int):
         raise ValueError(f"unrolling a recurrent layer needs a static number of steps; got {x.shape}")
@@ -100,4 +90,4 @@ def unroll(b: Builder, cell: str, x: Value, w: Value, r: Value, bias: Value, *, 
         outputs.append(state[0])
     if last:
         return b.op("identity", outputs[-1], name=name) if name else outputs[-1]
-    return stack(b, outputs, name, plain)
+    return b.op("stack_steps", *outputs, name=name)      # y[:, t] = h_t

@@ -130,8 +130,7 @@ def lower_recurrent(ctx: LowerContext, layer: ast.Recurrent, a: Value) -> Value:
     r = ctx.param(layer, "R", init_weights(ctx.rng, (1, gates * hidden, hidden), hidden, activation), True)
     bias = ctx.param(layer, "B", np.zeros((1, 2 * gates * hidden)), False)
     if unrolled(ctx):
-        out = unroll(ctx.b, cell, a, w, r, bias, activation=activation, last=layer.last, name=layer.name,
-                     plain=not ctx.training)
+        out = unroll(ctx.b, cell, a, w, r, bias, activation=activation, last=layer.last, name=layer.name)
     else:
         out = ctx.b.op(f"{cell}_seq", a, w, r, bias, hidden=hidden, last=layer.last, activation=activation,
                        name=layer.name)

@@ -181,7 +181,6 @@ def test_training_step_gives_onnxruntimes_loss_in_the_reference_evaluator(spec):
 
 
 TRACT_GAPS = {   # tract 0.21's gaps, by the training step's first node it stops at
-    "sequence": "tract does not translate SequenceConstruct (the unrolled recurrence's steps)",
     "conv": "tract cannot analyse the If of a one-channel filter gradient, nor translate a Conv over "
             "transposed tensors (ConvHir)",
     "single": "tract's declutter pass fails on the bias gradient (a MatMul by a vector of ones, as an EinSum) "
@@ -190,7 +189,7 @@ TRACT_GAPS = {   # tract 0.21's gaps, by the training step's first node it stops
 TRACT_CASES = {"layer:dense_tanh_class": None, "layer:dense_sigmoid_binary": None, "layer:dense_tanh_real": None,
                "layer:dropout": None, "layer:batchnorm": None, "layer:regularized": None,
                "example:digits_deep": None, "example:moons_shallow": None,
-               "layer:flatten": "single", "layer:conv_same": "conv", "layer:embed_gru": "sequence"}
+               "layer:flatten": "single", "layer:conv_same": "conv", "layer:embed_gru": None}
 
 
 @pytest.mark.parametrize("spec", [pytest.param(spec, marks=pytest.mark.xfail(reason=TRACT_GAPS[gap], strict=True))
