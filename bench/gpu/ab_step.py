@@ -3,7 +3,9 @@
 - as built: what `dlnc run` runs;
 - on the CPU, joined: the gradients joined by the step's Concat, as on CUDA;
 - on CUDA, in place: the gradients written in place (`compiler.gradients_in_place`), as on the CPU;
-- on CUDA, tf32: TensorFloat-32 on (ONNX Runtime's default; dlnc turns it off).
+- on CUDA, tf32: TensorFloat-32 on (ONNX Runtime's default; dlnc turns it off);
+- on CUDA, 1 thread: an intra-op pool of one thread (the default is one per core; on CUDA the
+  pool runs only the few nodes left on the CPU, and its threads spin between them).
 
 Usage: python bench/gpu/ab_step.py [--device cuda] [--rounds 5] [--seconds 0.3]
 Prints steps/s per variant and model, and each variant's median per-round ratio to "as built"."""
@@ -27,15 +29,17 @@ from runtime import session  # noqa: E402
 CONFIGS = [("mlp", 32), ("mlp", 512), ("gru_char", 32)]
 
 
-def variants(device: str) -> dict[str, dict]:
-    """name -> the module attributes that variant replaces while its runner is built."""
+def variants(device: str, threads: int) -> dict[str, tuple[dict, int]]:
+    """name -> (the module attributes that variant replaces while its runner is built, threads)."""
     built = session.training_graph
     if device == "cpu":
-        return {"as built": {}, "joined": {"training_graph": lambda compiled, device: (compiled.train_step, ())}}
+        return {"as built": ({}, threads),
+                "joined": ({"training_graph": lambda compiled, device: (compiled.train_step, ())}, threads)}
     in_place = {"training_graph": lambda compiled, device: built(compiled, "cpu")}
     tf32 = {"PROVIDERS": {**session.PROVIDERS, "cuda": [("CUDAExecutionProvider", {"use_tf32": "1"}),
                                                        "CPUExecutionProvider"]}}
-    return {"as built": {}, "in place": in_place, "tf32": tf32}
+    return {"as built": ({}, threads), "in place": (in_place, threads), "tf32": (tf32, threads),
+            "1 thread": ({}, 1)}
 
 
 def runner_with(compiled, device: str, threads: int, replaced: dict) -> session.StepRunner:
@@ -54,7 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=0.3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="dlnc-ab-"))
     bench_run.prepare_models(folder)                       # the models beside the char model's text
@@ -63,8 +67,8 @@ def main() -> None:
         spec = compiled.spec
         xs, ys = dlnc_worker.synthetic(compiled, batch)
         batches = [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
-        runners = {name: runner_with(compiled, args.device, args.threads, replaced)
-                   for name, replaced in variants(args.device).items()}
+        runners = {name: runner_with(compiled, args.device, threads, replaced)
+                   for name, (replaced, threads) in variants(args.device, args.threads).items()}
         for runner in runners.values():                    # warm-up (cuDNN's algorithm search, allocations)
             for i in range(20):
                 runner.step(batches[i % len(batches)])
