@@ -635,8 +635,8 @@ def emit_stack_steps(ctx, node):
     # that pair in the GRU benchmark on an H100 (bench/NOTES.md section 23).
     out, step = node.output.name, node.inputs[0]
     joined = ctx.node("Concat", _names(node), f"{out}.joined", axis=1)
-    middle = [int(d) for d in step.shape[1:-1]]            # the last axis: -1, the first: 0 (kept)
-    ctx.node("Reshape", [joined, ctx.ints([0, len(node.inputs), *middle, -1], f"{out}.shape")], out)
+    shape = [0, len(node.inputs), *(int(d) for d in step.shape[1:])]      # 0: m, as it is
+    ctx.node("Reshape", [joined, ctx.ints(shape, f"{out}.shape")], out)
 
 
 @emit("slice_axis")

@@ -162,8 +162,9 @@ def training_graph(compiled: Compiled, device: str = "cpu") -> tuple[onnx.ModelP
 
     On CUDA the step stays as compiled: the Reshape that orders the update after the gradients
     takes its shape in host memory, so the GPU's stream is drained halfway through every step,
-    while the Concat it saves is one short copy on the GPU. The step as compiled ran 1.19× as
-    fast (MLP, batch 32) and 1.14× (batch 512) on an H100 (bench/NOTES.md section 23)."""
+    while the Concat it saves is one short copy on the GPU. The step as compiled ran 1.12–1.19×
+    as fast (MLP, batch 32) and 1.12–1.14× (batch 512) in three A/Bs on an H100 (bench/NOTES.md
+    section 23)."""
     if device != "cpu":
         return compiled.train_step, ()
     bound = gradients_in_place(compiled.train_step, compiled.spec)
