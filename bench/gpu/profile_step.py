@@ -3,7 +3,8 @@
 For each model: the step's wall time, then per (provider, op type) the nodes per step and the
 host time they take per step (on CUDA that is the time to launch each kernel, not to run it:
 a step of small ops is bound by it). Also the cost of one run of a one-node graph (the fixed
-price of a call), and whether the CUDA provider can capture the step as a CUDA graph.
+price of a call), and whether the CUDA provider can capture the step as a CUDA graph, as
+compiled and with the batch size fixed.
 
 Usage: python bench/gpu/profile_step.py [--device cuda] [--steps 50] [--out folder]"""
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "peers")]
 
 import dlnc_worker  # noqa: E402
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import run as bench_run  # noqa: E402  (bench/run.py)
 from onnx import TensorProto, helper  # noqa: E402
@@ -79,16 +81,33 @@ def call_cost(device: str, calls: int = 2000) -> float:
     return statistics.median(times)
 
 
-def cuda_graph_capture(compiled, batches) -> str:
-    """Whether ONNX Runtime's CUDA provider captures the step as it is (enable_cuda_graph)."""
+def with_static_batch(model, batch: int):
+    """The step with every symbolic dimension (the batch) fixed: ONNX Runtime then folds the
+    shape arithmetic into constants (the MLP's step keeps no Shape or Slice on the CPU)."""
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    for value in [*static.graph.input, *static.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.ClearField("dim_param")
+                dim.dim_value = batch
+    return static
+
+
+def cuda_graph_capture(compiled, batches, batch: int, static: bool) -> str:
+    """Whether ONNX Runtime's CUDA provider captures the step (enable_cuda_graph), as compiled or
+    with the batch fixed; where it does, its speed and whether its costs are the plain step's.
+    (The runner alternates two bindings; a capture replays the addresses of the first.)"""
     model, _ = sessions.training_graph(compiled, "cuda")
+    model = with_static_batch(model, batch) if static else model
     providers = [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(model.SerializeToString(), sessions.session_options(2), providers=providers)
         runner = sessions.StepRunner(compiled, "cuda", 2, session=session)
-        for i in range(3):
-            runner.step(batches[i % len(batches)])
-        return f"captured: {rate(runner, batches):.0f} steps/s"
+        plain = sessions.StepRunner(compiled, "cuda", 2)
+        costs = [(runner.step(b), plain.step(b)) for b in (batches * 4)[:10]]
+        same = all(abs(a - b) <= 1e-4 * abs(b) for a, b in costs)
+        return f"captured: {rate(runner, batches):.0f} steps/s; the plain step's costs: {same} {costs[-2:]}"
     except Exception as exc:                            # the provider's own message is the finding
         return f"not captured: {str(exc).splitlines()[0][:300]}"
 
@@ -122,7 +141,9 @@ def main() -> None:
         for (provider, op), (count, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:25]:
             print(f"  {provider:<24} {op:<22} {count:>6.0f} {us:>8.1f}")
         if args.device == "cuda":
-            print("  CUDA graph:", cuda_graph_capture(compiled, batches))
+            for static in (False, True):
+                print(f"  CUDA graph, {'batch fixed' if static else 'as compiled'}:",
+                      cuda_graph_capture(compiled, batches, batch, static))
 
 
 if __name__ == "__main__":
