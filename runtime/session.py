@@ -106,9 +106,9 @@ def preload_cuda_libraries() -> None:
 
 
 def make_session(model_bytes: bytes, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise DlnError(f"--device cuda: {CUDA_MISSING}; or run with --device cpu")
     if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DlnError(f"--device cuda: {CUDA_MISSING}; or run with --device cpu")
         preload_cuda_libraries()
     session = ort.InferenceSession(model_bytes, session_options(threads), providers=PROVIDERS[device])
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":

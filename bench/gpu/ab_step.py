@@ -13,18 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "peers")]
+from steps import compiled_with_batches, models_folder, steps_per_second
 
-import dlnc_worker  # noqa: E402
-import run as bench_run  # noqa: E402  (bench/run.py)
-
-from runtime import session  # noqa: E402
+from runtime import session
 
 CONFIGS = [("mlp", 32), ("mlp", 512), ("gru_char", 32)]
 
@@ -60,13 +52,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="dlnc-ab-"))
-    bench_run.prepare_models(folder)                       # the models beside the char model's text
+    folder = models_folder()
     for model, batch in CONFIGS:
-        compiled = dlnc_worker.compile_model(str(folder / bench_run.MODELS[model]), batch)
-        spec = compiled.spec
-        xs, ys = dlnc_worker.synthetic(compiled, batch)
-        batches = [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
+        compiled, batches = compiled_with_batches(folder, model, batch)
         runners = {name: runner_with(compiled, args.device, threads, replaced)
                    for name, (replaced, threads) in variants(args.device, args.threads).items()}
         for runner in runners.values():                    # warm-up (cuDNN's algorithm search, allocations)
@@ -75,11 +63,7 @@ def main() -> None:
         rates: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(args.rounds):
             for name, runner in runners.items():
-                n, start = 0, time.perf_counter()
-                while time.perf_counter() - start < args.seconds:
-                    runner.step(batches[n % len(batches)])
-                    n += 1
-                rates[name].append(n / (time.perf_counter() - start))
+                rates[name].append(steps_per_second(runner, batches, args.seconds))
         base = rates["as built"]
         cells = [f"{name} {statistics.median(r):.0f}/s"
                  + ("" if name == "as built" else f" ({statistics.median(a / b for a, b in zip(r, base)):.3f})")

@@ -13,32 +13,19 @@ import argparse
 import collections
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "bench" / "peers")]
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from steps import compiled_with_batches, models_folder, steps_per_second
 
-import dlnc_worker  # noqa: E402
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import run as bench_run  # noqa: E402  (bench/run.py)
-from onnx import TensorProto, helper  # noqa: E402
-
-from runtime import session as sessions  # noqa: E402
+from runtime import session as sessions
 
 CONFIGS = [("mlp", 32), ("gru_char", 32)]
-
-
-def rate(runner, batches, seconds: float = 1.0) -> float:
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        runner.step(batches[n % len(batches)])
-        n += 1
-    return n / (time.perf_counter() - start)
 
 
 def profile(compiled, device: str, batches, steps: int, folder: Path) -> dict:
@@ -107,7 +94,7 @@ def cuda_graph_capture(compiled, batches, batch: int, static: bool) -> str:
         plain = sessions.StepRunner(compiled, "cuda", 2)
         costs = [(runner.step(b), plain.step(b)) for b in (batches * 4)[:10]]
         same = all(abs(a - b) <= 1e-4 * abs(b) for a, b in costs)
-        return f"captured: {rate(runner, batches):.0f} steps/s; the plain step's costs: {same} {costs[-2:]}"
+        return f"captured: {steps_per_second(runner, batches, 1.0):.0f} steps/s; the plain step's costs: {same} {costs[-2:]}"
     except Exception as exc:                            # the provider's own message is the finding
         return f"not captured: {str(exc).splitlines()[0][:300]}"
 
@@ -120,18 +107,14 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.out or tempfile.mkdtemp(prefix="dlnc-profile-"))
     folder.mkdir(parents=True, exist_ok=True)
-    models = Path(tempfile.mkdtemp(prefix="dlnc-models-"))
-    bench_run.prepare_models(models)
+    models = models_folder()
     print(f"one run of a one-node graph: {call_cost(args.device):.1f} µs")
     for model, batch in CONFIGS:
-        compiled = dlnc_worker.compile_model(str(models / bench_run.MODELS[model]), batch)
-        spec = compiled.spec
-        xs, ys = dlnc_worker.synthetic(compiled, batch)
-        batches = [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
+        compiled, batches = compiled_with_batches(models, model, batch)
         plain = sessions.StepRunner(compiled, args.device, 2)
         for i in range(20):
             plain.step(batches[i % len(batches)])
-        steps_per_s = rate(plain, batches)
+        steps_per_s = steps_per_second(plain, batches, 1.0)
         table = profile(compiled, args.device, batches, args.steps, folder)
         nodes = sum(count for count, _ in table.values())
         host = sum(us for _, us in table.values())

@@ -35,15 +35,22 @@ def synthetic(compiled, batch: int):
     return protocol.synthetic_classification(batch, tuple(program.input.shape), int(last))
 
 
+def mini_batches(compiled, batch: int) -> list[dict[str, np.ndarray]]:
+    """The synthetic mini-batches a round cycles through, as the step's inputs x and y."""
+    spec = compiled.spec
+    xs, ys = synthetic(compiled, batch)
+    return [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
+
+
 def setup(request):
     from runtime.session import StepRunner
     batch, threads = int(request["batch"]), int(request["threads"])
     compiled = compile_model(request["path"], batch)
     runner = StepRunner(compiled, request.get("device", "cpu"), threads)
     spec = compiled.spec
-    xs, ys = synthetic(compiled, batch)
-    batches = [{spec.x: xs[i], spec.y: ys[i]} for i in range(len(xs))]
-    STATE.update(compiled=compiled, threads=threads, device=request.get("device", "cpu"), xs=xs)
+    batches = mini_batches(compiled, batch)
+    STATE.update(compiled=compiled, threads=threads, device=request.get("device", "cpu"),
+                 xs=np.stack([b[spec.x] for b in batches]))
     count = len(batches)
 
     def step(n: int) -> float:
