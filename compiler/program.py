@@ -29,8 +29,8 @@ from .lower import (LayerInfo, LowerContext, Normalization, ParamSpec, StateSpec
                     lower_network)
 from .lower_sequence import check_token_input, sequence_loss, token_sizes, unrolled
 from .simplify import simplify
-from .train import DEFAULT_LOSS, LOSSES_FOR_OUTPUT, OPTIMIZERS, Slots, clip_by_global_norm, data_loss, decayed_lr, \
-    regularization
+from .train import (DEFAULT_LOSS, FOLDED_OPTIMIZERS, LOSSES_FOR_OUTPUT, MOMENT_SCALE, OPTIMIZERS, Folding, Slots,
+                    clip_by_global_norm, data_loss, decayed_lr, regularization)
 
 RECURRENT_LOWERINGS = ("op", "unrolled")      # `dlnc compile --recurrent`: one ONNX op per layer, or plain ops
 
@@ -81,6 +81,23 @@ def initial_values(spec: TrainStepSpec) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class RunnerStep:
+    """`train_step` as dlnc's runner runs it: its optimiser keeps its moments scaled by the growing
+    scalar state MOMENT_SCALE (`compiler.train.FOLDED_OPTIMIZERS`), which saves a pass over the
+    parameters every step. The runner brings that scale back to 1 (`folding`) before it can
+    overflow and whenever values leave or enter it, so they are always the exported step's. Its
+    inputs and outputs are `train_step`'s and that scale (`runner_spec`)."""
+    model: onnx.ModelProto
+    folding: Folding
+
+
+def runner_spec(spec: TrainStepSpec) -> TrainStepSpec:
+    """The spec of the runner's step: `spec` and the moments' scale, 1 at the start."""
+    scale = StateSpec(MOMENT_SCALE, np.ones((), dtype=spec.state[0].init.dtype))
+    return replace(spec, state=(*spec.state, scale), updates={**spec.updates, MOMENT_SCALE: f"new.{MOMENT_SCALE}"})
+
+
+@dataclass(frozen=True)
 class Compiled:
     program: ast.Program
     model: onnx.ModelProto
@@ -89,6 +106,7 @@ class Compiled:
     spec: TrainStepSpec
     layers: tuple[LayerInfo, ...]
     loss: str
+    runner_step: RunnerStep | None = None  # the step dlnc's runner runs on the CPU, where it differs
 
 
 def resolve_loss(program: ast.Program) -> str:
@@ -180,8 +198,9 @@ def build_inference(program: ast.Program, normalization: Normalization | None, d
 
 
 def build_train_step(program: ast.Program, normalization: Normalization | None, dtype: str = "float32",
-                     vocab: int = 0, steps: int | None = None):
-    """The training step graph and the spec the runtime binds it by."""
+                     vocab: int = 0, steps: int | None = None, folded: bool = False):
+    """The training step graph and the spec the runtime binds it by; `folded`: the runner's form,
+    whose optimiser keeps its moments scaled (`compiler.train.FOLDED_OPTIMIZERS`)."""
     loss_kind = resolve_loss(program)
     frozen = _check_freeze(program)
     ctx = _new_context(program, training=True, dtype=dtype, vocab=vocab, steps=steps)
@@ -202,47 +221,47 @@ def build_train_step(program: ast.Program, normalization: Normalization | None, 
     cost = b.op("identity", cost, name="loss")
 
     trainable = tuple(p.name for p in ctx.params if p.layer not in frozen)
-    optimizer = OPTIMIZERS[program.train.optimizer.kind]
-    scale = optimizer.gradient_scale(ctx) if optimizer.gradient_scale is not None and trainable else None
+    optimizer = (FOLDED_OPTIMIZERS if folded else OPTIMIZERS)[program.train.optimizer.kind]
+    # one update over every trainable parameter at once: the parameters enter twice, shaped
+    # (for the forward pass) and as FLAT (for the update), and the caller binds the shaped
+    # inputs as views of FLAT; the gradients are joined once. Each op of the update then
+    # makes one pass over all parameters, not one per tensor.
+    flat: list[FlatView] = []
+    offset = 0
+    for name in trainable:
+        flat.append(FlatView(name, offset, tuple(int(d) for d in ctx.param_values[name].shape)))
+        offset += flat[-1].size
+    state = [StateSpec("step", np.zeros((), dtype=dtype))]
+    shared: dict[str, Value] = {}
+
+    def scalar_slot(name: str, init: float) -> Value:
+        if name not in shared:
+            shared[name] = b.input(name, ())
+            state.append(StateSpec(name, np.asarray(init, dtype=dtype)))
+        return shared[name]
+
+    def tensor_slot(role: str) -> Value:
+        value = b.input(f"{FLAT}.{role}", (1, offset))
+        state.append(StateSpec(value.name, np.zeros((1, offset), dtype=dtype)))
+        return value
+
+    slots = Slots(tensor_slot, scalar_slot)
+    scale = optimizer.gradient_scale(ctx, slots) if optimizer.gradient_scale is not None and trainable else None
     grads = grad(b, cost, [ctx.param_values[n] for n in trainable], seed=scale) if trainable else {}
 
     alpha = decayed_lr(ctx, program.train)
     step = b.input("step", ())
     t = b.add(step, b.scalar(1.0), name="new.step")
-    state = [StateSpec("step", np.zeros((), dtype=dtype))]
     updates = {"step": t}
-    flat: list[FlatView] = []
     joined: str | None = None             # the gradients joined as one row
     if trainable:
-        # one update over every trainable parameter at once: the parameters enter twice, shaped
-        # (for the forward pass) and as FLAT (for the update), and the caller binds the shaped
-        # inputs as views of FLAT; the gradients are joined once. Each op of the update then
-        # makes one pass over all parameters, not one per tensor.
-        offset = 0
-        for name in trainable:
-            shape = tuple(int(d) for d in ctx.param_values[name].shape)
-            flat.append(FlatView(name, offset, shape))
-            offset += flat[-1].size
         w = b.input(FLAT, (1, offset))
         pieces = [b.op("as_row", grads[name]) for name in trainable]
         g = b.op("concat", *pieces, axis=1, name="gradient") if len(pieces) > 1 else pieces[0]
         joined = g.name
         if program.train.clip_norm is not None:
             g = clip_by_global_norm(ctx, g, program.train.clip_norm, scale)
-        shared: dict[str, Value] = {}
-
-        def scalar_slot(name: str, init: float) -> Value:
-            if name not in shared:
-                shared[name] = b.input(name, ())
-                state.append(StateSpec(name, np.asarray(init, dtype=dtype)))
-            return shared[name]
-
-        def tensor_slot(role: str) -> Value:
-            value = b.input(f"{FLAT}.{role}", w.shape)
-            state.append(StateSpec(value.name, np.zeros(w.shape, dtype=dtype)))
-            return value
-
-        new_w, new_slots = optimizer.update(ctx, w, g, alpha, t, Slots(tensor_slot, scalar_slot))
+        new_w, new_slots = optimizer.update(ctx, w, g, alpha, t, slots)
         updates[FLAT] = new_w
         updates.update(new_slots)
     updates.update(ctx.buffer_updates)
@@ -324,7 +343,13 @@ def compile_program(program: ast.Program, normalization: Normalization | None = 
     train_ctx, train_graph, spec = build_train_step(program, normalization, **sizes)
     train_step = check(to_onnx(train_graph, opset=opset, ir_version=ir_version, metadata=meta,
                                doc=f"dlnc training step for {program.name}"))
-    return Compiled(program, model, train_step, evaluation, spec, tuple(infer_ctx.infos), resolve_loss(program))
+    runner_step = None
+    folded = FOLDED_OPTIMIZERS.get(program.train.optimizer.kind)
+    if folded is not None and spec.flat:
+        runner_graph = build_train_step(program, normalization, **sizes, folded=True)[1]
+        runner_step = RunnerStep(to_onnx(runner_graph, opset=opset, ir_version=ir_version), folded.folding)
+    return Compiled(program, model, train_step, evaluation, spec, tuple(infer_ctx.infos), resolve_loss(program),
+                    runner_step)
 
 
 def check_program(program: ast.Program) -> TrainStepSpec:

@@ -22,7 +22,7 @@ Clipping: g ← g · c / max(‖g‖, c) with ‖g‖ the global norm over all g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from dsl import ast
 
@@ -103,6 +103,14 @@ def clip_by_global_norm(ctx: LowerContext, g: Value, clip: float, scale: Value |
 # the optimiser's `Slots`; it returns the new parameters and {state input: new value}. It is
 # called once, on every trainable parameter flattened into one vector (`build_train_step`), so
 # each of its ops is one pass over all of them.
+#
+# dlnc's runner runs a folded form of the rules with moments (FOLDED_OPTIMIZERS): one moment
+# M ← d·M + g'ᵖ (d its decay; p = 1 for a mean, 2 for a mean square) is kept as B·M, with B a
+# scalar state that grows as B ← B/d, so that its update is B·M ← B·M + (B^(1/p)·g')ᵖ: the
+# decay's pass over the parameters is gone, and B^(1/p) reaches the gradients through the seed,
+# for free. Another moment is then kept as B^(1/p)·M (Adam's mean, beside its mean square). The
+# exported step (OPTIMIZERS) keeps every decay: B grows without bound, and only the runner
+# brings it back (`Folding`).
 @dataclass(frozen=True)
 class Slots:
     """The optimiser state a rule asks for: `tensor(role)` is a slot shaped like the parameter
@@ -111,11 +119,25 @@ class Slots:
     scalar: Callable[[str, float], Value]
 
 
+MOMENT_SCALE = "moments.scale"    # B, the scalar state of a folded rule (1 at the start)
+
+
+@dataclass(frozen=True)
+class Folding:
+    """How a folded rule keeps its moments: the slot `name` holds B^power times the exported
+    step's value, B being the state MOMENT_SCALE. Where B = 1 the two steps' states are the same;
+    the runner brings B back to 1 (M ← M/B^power) before B can overflow and before it hands out
+    or takes in values."""
+    powers: Mapping[str, float]
+
+
 @dataclass(frozen=True)
 class Optimizer:
-    """One optimiser: its update rule and the scale its gradients arrive with."""
+    """One optimiser: its update rule, the scale its gradients arrive with, and, for a folded
+    rule, how its moments are kept."""
     update: Callable                                          # (ctx, w, g', α, t, slots) -> (W', {slot: new})
-    gradient_scale: Callable[[LowerContext], Value] | None = None   # a, with g' = a·dW; None: a = 1
+    gradient_scale: Callable[[LowerContext, Slots], Value] | None = None   # a, with g' = a·dW; None: a = 1
+    folding: Folding | None = None
 
 
 def update_sgd(ctx, w, g, alpha, t, slots):
@@ -123,7 +145,13 @@ def update_sgd(ctx, w, g, alpha, t, slots):
     return ctx.b.sub(w, ctx.b.mul(alpha, g)), {}
 
 
-def momentum_scale(ctx) -> Value:
+def moment_scale(ctx, slots: Slots, decay: Value) -> tuple[Value, Value]:
+    """(B, B/d): the folded moments' scale before and after this step, for their decay d."""
+    scale = slots.scalar(MOMENT_SCALE, 1.0)
+    return scale, ctx.b.div(scale, decay)
+
+
+def momentum_scale(ctx, slots=None) -> Value:
     return ctx.b.sub(ctx.b.scalar(1.0), ctx.hyperparameter("beta", ctx.program.train.optimizer.beta))
 
 
@@ -135,7 +163,22 @@ def update_momentum(ctx, w, g, alpha, t, slots):
     return b.sub(w, b.mul(alpha, v_new)), {v.name: v_new}
 
 
-def rmsprop_scale(ctx) -> Value:
+def momentum_folded_scale(ctx, slots) -> Value:
+    # G = B·g' with B ← B/β
+    beta = ctx.hyperparameter("beta", ctx.program.train.optimizer.beta)
+    return ctx.b.mul(momentum_scale(ctx), moment_scale(ctx, slots, beta)[1])
+
+
+def update_momentum_folded(ctx, w, g, alpha, t, slots):
+    # V = B·v:  V ← B·(β·v + g') = V + G;  W ← W − (α/B)·V: 3 passes
+    b = ctx.b
+    scale, scale_new = moment_scale(ctx, slots, ctx.hyperparameter("beta", ctx.program.train.optimizer.beta))
+    v = slots.tensor("v")
+    v_new = b.add(v, g)
+    return b.sub(w, b.mul(b.div(alpha, scale_new), v_new)), {v.name: v_new, scale.name: scale_new}
+
+
+def rmsprop_scale(ctx, slots=None) -> Value:
     beta2 = ctx.hyperparameter("beta2", ctx.program.train.optimizer.beta2)
     return ctx.b.op("sqrt", ctx.b.sub(ctx.b.scalar(1.0), beta2))
 
@@ -148,6 +191,24 @@ def update_rmsprop(ctx, w, g, alpha, t, slots):
     s_new = b.add(b.mul(beta2, s), b.mul(g, g))
     step = b.div(g, b.add(b.op("sqrt", s_new), eps))
     return b.sub(w, b.mul(b.div(alpha, rmsprop_scale(ctx)), step)), {s.name: s_new}
+
+
+def rmsprop_folded_scale(ctx, slots) -> Value:
+    # G = √B·g' with B ← B/β₂
+    beta2 = ctx.hyperparameter("beta2", ctx.program.train.optimizer.beta2)
+    return ctx.b.mul(rmsprop_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, beta2)[1]))
+
+
+def update_rmsprop_folded(ctx, w, g, alpha, t, slots):
+    # S = B·s:  S ← B·(β₂·s + g'²) = S + G²;
+    # W ← W − (α/√(1 − β₂))·g'/(√s + ε) = W − (α/√(1 − β₂))·G/(√S + ε·√B): 7 passes
+    b, opt = ctx.b, ctx.program.train.optimizer
+    beta2, eps = ctx.hyperparameter("beta2", opt.beta2), ctx.hyperparameter("eps", opt.eps)
+    scale, scale_new = moment_scale(ctx, slots, beta2)
+    s = slots.tensor("s")
+    s_new = b.add(s, b.mul(g, g))
+    step = b.div(g, b.add(b.op("sqrt", s_new), b.mul(eps, b.op("sqrt", scale_new))))
+    return b.sub(w, b.mul(b.div(alpha, rmsprop_scale(ctx)), step)), {s.name: s_new, scale.name: scale_new}
 
 
 def adam_scalars(ctx, alpha: Value, t: Value) -> tuple[Value, Value]:
@@ -164,7 +225,7 @@ def adam_scalars(ctx, alpha: Value, t: Value) -> tuple[Value, Value]:
     return c, b.mul(eps, root2)
 
 
-def adam_scale(ctx) -> Value:
+def adam_scale(ctx, slots=None) -> Value:
     return ctx.b.sub(ctx.b.scalar(1.0), ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1))
 
 
@@ -176,23 +237,58 @@ def adam_moment_scale(ctx) -> Value:
     return b.div(b.sub(one, ctx.hyperparameter("beta2", opt.beta2)), b.mul(a, a))
 
 
+def adam_decay(ctx, slots) -> tuple[Value, Value, Value]:
+    """(k, k_prev, d): ŝ's decay d = β₂·k_prev/k, with k_prev, the k the stored ŝ was scaled by,
+    scalar state (exact when β changes)."""
+    opt = ctx.program.train.optimizer
+    k = adam_moment_scale(ctx)
+    k_prev = slots.scalar("adam.k", (1 - opt.beta2) / (1 - opt.beta1) ** 2)
+    beta2 = ctx.hyperparameter("beta2", opt.beta2)
+    return k, k_prev, ctx.b.mul(beta2, ctx.b.div(k_prev, k))
+
+
 def update_adam(ctx, w, g, alpha, t, slots):
     # g' = (1 − β₁)·dW, so v ← β₁·v + (1 − β₁)·dW is v ← β₁·v + g'               (2 passes)
     # ŝ = s/k with k = (1 − β₂)/(1 − β₁)²: ŝ ← β₂·(k_prev/k)·ŝ + g'²              (3 passes)
-    #   (k_prev, the k the stored ŝ was scaled by, is scalar state: exact when β changes)
     # W ← W − c·v/(√s + ε̂) = W − (c/√k)·v/(√ŝ + ε̂/√k)                           (5 passes)
-    b, opt = ctx.b, ctx.program.train.optimizer
-    beta1, beta2 = ctx.hyperparameter("beta1", opt.beta1), ctx.hyperparameter("beta2", opt.beta2)
-    k = adam_moment_scale(ctx)
-    k_prev = slots.scalar("adam.k", (1 - opt.beta2) / (1 - opt.beta1) ** 2)
+    b = ctx.b
+    beta1 = ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1)
+    k, k_prev, decay = adam_decay(ctx, slots)
     v, s = slots.tensor("v"), slots.tensor("s")
     v_new = b.add(b.mul(beta1, v), g)
-    s_new = b.add(b.mul(b.mul(beta2, b.div(k_prev, k)), s), b.mul(g, g))
+    s_new = b.add(b.mul(decay, s), b.mul(g, g))
     c, eps_hat = adam_scalars(ctx, alpha, t)
     root_k = b.op("sqrt", k)
     step = b.div(v_new, b.add(b.op("sqrt", s_new), b.div(eps_hat, root_k)))
     return b.sub(w, b.mul(b.div(c, root_k), step)), {v.name: v_new, s.name: s_new, k_prev.name: k}
 
 
+def adam_folded_scale(ctx, slots) -> Value:
+    # G = √B·g' with B ← B/d, d ŝ's decay
+    return ctx.b.mul(adam_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, adam_decay(ctx, slots)[2])[1]))
+
+
+def update_adam_folded(ctx, w, g, alpha, t, slots):
+    # S = B·ŝ:  S ← B·(d·ŝ + g'²) = S + G²                                          (2 passes)
+    # V = √B·v: V ← √B·(β₁·v + g') = (β₁/√d)·V + G                                 (2 passes)
+    # W ← W − (c/√k)·v/(√ŝ + ε̂/√k) = W − (c/√k)·V/(√S + √B·ε̂/√k)                (5 passes)
+    b = ctx.b
+    beta1 = ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1)
+    k, k_prev, decay = adam_decay(ctx, slots)
+    scale, scale_new = moment_scale(ctx, slots, decay)
+    v, s = slots.tensor("v"), slots.tensor("s")
+    v_new = b.add(b.mul(b.div(beta1, b.op("sqrt", decay)), v), g)
+    s_new = b.add(s, b.mul(g, g))
+    c, eps_hat = adam_scalars(ctx, alpha, t)
+    root_k = b.op("sqrt", k)
+    step = b.div(v_new, b.add(b.op("sqrt", s_new), b.div(b.mul(eps_hat, b.op("sqrt", scale_new)), root_k)))
+    return b.sub(w, b.mul(b.div(c, root_k), step)), {v.name: v_new, s.name: s_new, k_prev.name: k,
+                                                     scale.name: scale_new}
+
+
 OPTIMIZERS = {"sgd": Optimizer(update_sgd), "momentum": Optimizer(update_momentum, momentum_scale),
               "rmsprop": Optimizer(update_rmsprop, rmsprop_scale), "adam": Optimizer(update_adam, adam_scale)}
+FOLDED_OPTIMIZERS = {
+    "momentum": Optimizer(update_momentum_folded, momentum_folded_scale, Folding({"params.v": 1.0})),
+    "rmsprop": Optimizer(update_rmsprop_folded, rmsprop_folded_scale, Folding({"params.s": 1.0})),
+    "adam": Optimizer(update_adam_folded, adam_folded_scale, Folding({"params.s": 1.0, "params.v": 0.5}))}

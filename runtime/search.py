@@ -313,7 +313,7 @@ def _graphs_for(program: ast.Program, splits, threads: int | None, result: Trial
     compiled = compile_with_data(program, splits)
     result.compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    train_session = make_session(training_graph(compiled)[0].SerializeToString(), "cpu", threads)
+    train_session = make_session(training_graph(compiled).model.SerializeToString(), "cpu", threads)
     eval_session = make_session(compiled.evaluation.SerializeToString(), "cpu", threads)
     result.session_seconds = time.perf_counter() - start
     _CACHE.graphs[key] = (compiled, train_session, eval_session, threads)

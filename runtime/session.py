@@ -33,6 +33,7 @@ import functools
 import io
 import os
 import warnings
+from dataclasses import dataclass, replace
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -41,7 +42,8 @@ import onnxruntime as ort
 
 from compiler.gradients_in_place import GRADS, gradients_in_place
 from compiler.onnx_graph import producers, reads
-from compiler.program import FLAT, Compiled, FlatView, TrainStepSpec, initial_values
+from compiler.program import FLAT, Compiled, FlatView, TrainStepSpec, initial_values, runner_spec
+from compiler.train import MOMENT_SCALE, Folding
 from dsl.errors import DlnError
 
 # cuda: float32 products in float32, TensorFloat-32 off (ONNX Runtime turns it on by default;
@@ -154,21 +156,41 @@ def ort_device(device: str) -> tuple[str, int]:
     return ("cuda", 0) if device == "cuda" else ("cpu", 0)
 
 
-def training_graph(compiled: Compiled, device: str = "cpu") -> tuple[onnx.ModelProto, tuple[FlatView, ...]]:
-    """The training step the runner runs, and its gradient outputs: on the CPU, where the step
-    joins its gradients into one row, each gradient is an output bound to its slice of the input
-    GRADS, which the update reads, so nothing is copied to join them (`compiler.gradients_in_place`);
-    elsewhere the step as compiled, with none.
+@dataclass(frozen=True)
+class TrainingGraph:
+    """The training step a runner runs and the spec it binds it by; its gradient outputs, each
+    bound to its slice of the input GRADS (none: the step joins them); and how its optimiser keeps
+    its moments scaled (None: as `train_step.onnx` keeps them)."""
+    model: onnx.ModelProto
+    spec: TrainStepSpec
+    gradients: tuple[FlatView, ...] = ()
+    folding: Folding | None = None
 
-    On CUDA the step stays as compiled: the Reshape that orders the update after the gradients
-    takes its shape in host memory, so the GPU's stream is drained halfway through every step,
-    while the Concat it saves is one short copy on the GPU. The step as compiled ran 1.12–1.19×
-    as fast (MLP, batch 32) and 1.12–1.14× (batch 512) in three A/Bs on an H100 (bench/NOTES.md
-    section 23)."""
+
+def training_graph(compiled: Compiled, device: str = "cpu", join_gradients: bool = False) -> TrainingGraph:
+    """The training step the runner runs. On the CPU:
+    - the runner's form of it (`compiled.runner_step`), where the optimiser keeps its moments
+      scaled, which saves a pass over the parameters a step (MLP 784-256-128-10 with Adam, batch
+      32: 4 to 6 % faster steps, bench/NOTES.md section 24);
+    - unless `join_gradients`, where the step joins its gradients into one row, each gradient an
+      output bound to its slice of the input GRADS, which the update reads, so nothing is copied
+      to join them (`compiler.gradients_in_place`).
+    Elsewhere, the step as exported. On CUDA, the Reshape that orders the update after the
+    gradients takes its shape in host memory, so the GPU's stream is drained halfway through every
+    step, while the Concat it saves is one short copy on the GPU: the step as compiled ran
+    1.12–1.19× as fast (MLP, batch 32) and 1.12–1.14× (batch 512) in three A/Bs on an H100
+    (bench/NOTES.md section 23). The folded moments are untried on a GPU."""
+    graph = TrainingGraph(compiled.train_step, compiled.spec)
     if device != "cpu":
-        return compiled.train_step, ()
-    bound = gradients_in_place(compiled.train_step, compiled.spec)
-    return (bound.model, bound.outputs) if bound is not None else (compiled.train_step, ())
+        return graph
+    if compiled.runner_step is not None:
+        graph = TrainingGraph(compiled.runner_step.model, runner_spec(compiled.spec),
+                              folding=compiled.runner_step.folding)
+    bound = None if join_gradients else gradients_in_place(graph.model, graph.spec)
+    return graph if bound is None else replace(graph, model=bound.model, gradients=bound.outputs)
+
+
+UNFOLD_ABOVE = 2.0 ** 20     # the runner unfolds its moments once their scale passes this (float32: up to 2¹²⁸)
 
 
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Relu", "Sqrt", "Max", "Min"})
@@ -212,11 +234,12 @@ class StepRunner:
     def __init__(self, compiled: Compiled, device: str = "cpu", threads: int | None = None,
                  session: ort.InferenceSession | None = None):
         """`session`: an existing session of this training graph (a search reuses one per architecture)."""
-        spec = compiled.spec
+        graph = training_graph(compiled, device)
+        spec, model = graph.spec, graph.model
         self.spec = spec
         self.on_device = device == "cuda"
         self.device = ort_device(device)
-        model, self.gradients = training_graph(compiled, device)
+        self.gradients, self.folding = graph.gradients, graph.folding
         self.session = session or make_session(model.SerializeToString(), device, threads)
         self.input_dtypes = {i.name: NUMPY_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         initial = initial_values(spec)
@@ -225,7 +248,7 @@ class StepRunner:
         self.in_place = in_place_updates(model.graph, spec)    # one buffer for both sets
         fixed = [name for name in initial if name not in spec.updates and name not in self.views]  # frozen
         # the runner's own copies: training must not write through to compiled.spec
-        self._flat_host: list[np.ndarray | None] = [None, None]    # cpu: the arrays behind FLAT
+        self._host: list[dict[str, np.ndarray]] = [{}, {}]         # cpu: the arrays behind each set
         self.sets = [self._new_set(initial, 0)]
         self.sets.append(self._new_set(initial, 1, shared=self.sets[0]))
         self.fixed = {n: self._ortvalue(initial[n]) for n in fixed}
@@ -253,12 +276,12 @@ class StepRunner:
         for name in self.updated:
             if shared is not None and name in self.in_place:
                 values[name] = shared[name]
-                if name == FLAT and not self.on_device:
-                    self._flat_host[index] = self._flat_host[0]
+                if not self.on_device:
+                    self._host[index][name] = self._host[0][name]
                 continue
             array = np.array(initial[name], order="C", copy=True)
-            if name == FLAT and not self.on_device:
-                self._flat_host[index] = array                  # the parameters' views slice it
+            if not self.on_device:
+                self._host[index][name] = array                 # FLAT's: the parameters' views slice it
             values[name] = ort.OrtValue.ortvalue_from_numpy(array, *self.device)
         return values
 
@@ -268,7 +291,7 @@ class StepRunner:
         OrtValue, so on CUDA `values()` copies the slices instead."""
         if self.on_device or not self.views:
             return {}
-        return {v.name: ort.OrtValue.ortvalue_from_numpy(v.of(self._flat_host[index])) for v in self.views.values()}
+        return {v.name: ort.OrtValue.ortvalue_from_numpy(v.of(self._host[index][FLAT])) for v in self.views.values()}
 
     def _bind(self, src: int, dst: int) -> ort.IOBinding:
         io = self.session.io_binding()
@@ -330,7 +353,22 @@ class StepRunner:
                 io.bind_cpu_input(name, array)
         self.session.run_with_iobinding(io)
         self.current = 1 - self.current
+        if self.folding is not None and self._host[self.current][MOMENT_SCALE] > UNFOLD_ABOVE:
+            self._unfold()
         return float(self._loss)
+
+    def _unfold(self) -> None:
+        """Bring the folded moments back to the exported step's scale: M ← M/B^power, B ← 1
+        (`compiler.program.RunnerStep`). A pass over each moment, every few hundred steps or more."""
+        if self.folding is None:
+            return
+        host = self._host[self.current]
+        scale = float(host[MOMENT_SCALE])
+        if scale == 1.0:
+            return
+        for name, power in self.folding.powers.items():
+            np.multiply(host[name], host[name].dtype.type(scale ** -power), out=host[name])
+        host[MOMENT_SCALE][...] = 1.0
 
     def epoch_batches(self, arrays: Mapping[str, np.ndarray],
                       batches: Sequence[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -358,8 +396,10 @@ class StepRunner:
 
     def values(self) -> dict[str, ort.OrtValue]:
         """The latest parameters (each trainable one as its slice of FLAT), buffers and optimiser
-        state, as OrtValues: no copy on the CPU; on CUDA the slices are copied."""
-        current = self.sets[self.current]
+        state, as OrtValues: no copy on the CPU; on CUDA the slices are copied. The optimiser state
+        is the exported step's (the runner's moments unfolded, their scale left out)."""
+        self._unfold()
+        current = {name: value for name, value in self.sets[self.current].items() if name != MOMENT_SCALE}
         views = self._view_values[self.current]
         if self.views and not views:                            # cuda
             flat = current[FLAT].numpy()
@@ -372,8 +412,10 @@ class StepRunner:
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Overwrite the latest values (restoring the best weights, or resuming); a trainable
-        parameter is written into its slice of FLAT."""
+        parameter is written into its slice of FLAT. Optimiser state is the exported step's."""
+        self._unfold()
         current = {**self.fixed, **self.sets[self.current]}
+        arrays = {name: array for name, array in arrays.items() if name != MOMENT_SCALE}
         into_flat = {name: array for name, array in arrays.items() if name in self.views}
         if into_flat:
             flat = current[FLAT].numpy()

@@ -199,7 +199,7 @@ def _first_non_finite(runner: StepRunner) -> tuple[str, str] | None:
     """(name, "NaN" or "Inf") of the first updated value that is not finite (a trainable
     parameter by its own name, not as part of the flat vector of all of them)."""
     values = runner.values()
-    for name in [*runner.views, *(n for n in runner.updated if n != FLAT)]:
+    for name in [*runner.views, *(n for n in runner.updated if n != FLAT and n in values)]:
         array = values[name].numpy()
         if not np.isfinite(array).all():
             return name, "NaN" if np.isnan(array).any() else "Inf"

@@ -64,7 +64,10 @@ def test_onnx_runtime_keeps_the_order_after_its_optimisations(spec, tmp_path):
 
 
 def plain_step(monkeypatch):
-    monkeypatch.setattr(runtime.session, "training_graph", lambda compiled, device="cpu": (compiled.train_step, ()))
+    """The runner's step with its gradients joined, as compiled."""
+    built = runtime.session.training_graph
+    monkeypatch.setattr(runtime.session, "training_graph",
+                        lambda compiled, device="cpu": built(compiled, device, join_gradients=True))
 
 
 @pytest.mark.parametrize("spec", ALL_CASES)

@@ -2,6 +2,8 @@
 
 - as built: what `dlnc run` runs;
 - on the CPU, joined: the gradients joined by the step's Concat, as on CUDA;
+- on the CPU, exported moments: the optimiser's moments kept as `train_step.onnx` keeps them, not
+  folded (`compiler.program.RunnerStep`), as on CUDA;
 - on CUDA, in place: the gradients written in place (`compiler.gradients_in_place`), as on the CPU;
 - on CUDA, tf32: TensorFloat-32 on (ONNX Runtime's default; dlnc turns it off);
 - on CUDA, 1 thread: an intra-op pool of one thread (the default is one per core; on CUDA the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 from steps import compiled_with_batches, models_folder, steps_per_second
 
@@ -24,10 +27,13 @@ CONFIGS = [("mlp", 32), ("mlp", 512), ("gru_char", 32)]
 def variants(device: str, threads: int) -> dict[str, tuple[dict, int]]:
     """name -> (the module attributes that variant replaces while its runner is built, threads)."""
     built = session.training_graph
+    exported = {"training_graph": lambda compiled, device: built(replace(compiled, runner_step=None), device)}
     if device == "cpu":
         return {"as built": ({}, threads),
-                "joined": ({"training_graph": lambda compiled, device: (compiled.train_step, ())}, threads)}
-    in_place = {"training_graph": lambda compiled, device: built(compiled, "cpu")}
+                "joined": ({"training_graph": lambda compiled, device: built(compiled, device, join_gradients=True)},
+                           threads),
+                "exported moments": (exported, threads)}
+    in_place = {"training_graph": lambda compiled, device: built(replace(compiled, runner_step=None), "cpu")}
     tf32 = {"PROVIDERS": {**session.PROVIDERS, "cuda": [("CUDAExecutionProvider", {"use_tf32": "1"}),
                                                        "CPUExecutionProvider"]}}
     return {"as built": ({}, threads), "in place": (in_place, threads), "tf32": (tf32, threads),

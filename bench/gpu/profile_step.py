@@ -29,7 +29,7 @@ CONFIGS = [("mlp", 32), ("gru_char", 32)]
 
 
 def profile(compiled, device: str, batches, steps: int, folder: Path) -> dict:
-    model, _ = sessions.training_graph(compiled, device)
+    model = sessions.training_graph(compiled, device).model
     options = sessions.session_options(2)
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / f"{compiled.program.name}")
@@ -85,7 +85,7 @@ def cuda_graph_capture(compiled, batches, batch: int, static: bool) -> str:
     """Whether ONNX Runtime's CUDA provider captures the step (enable_cuda_graph), as compiled or
     with the batch fixed; where it does, its speed and whether its costs are the plain step's.
     (The runner alternates two bindings; a capture replays the addresses of the first.)"""
-    model, _ = sessions.training_graph(compiled, "cuda")
+    model = sessions.training_graph(compiled, "cuda").model
     model = with_static_batch(model, batch) if static else model
     providers = [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
     try:
