@@ -120,6 +120,11 @@ class Slots:
 
 
 MOMENT_SCALE = "moments.scale"    # B, the scalar state of a folded rule (1 at the start)
+# A decay under this (a β of 0, say) is this in a folded rule: B/d stays finite, and the moment keeps
+# at most this much of its old value where the exported step keeps none. The runner runs the
+# exported step for a program whose β is that small (`Folding.decay`); only a β set that small
+# mid-run (`dlnc tune`, a search's trial on a shared session) meets the bound.
+MIN_DECAY = 2.0 ** -20
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,9 @@ class Folding:
     """How a folded rule keeps its moments: the slot `name` holds B^power times the exported
     step's value, B being the state MOMENT_SCALE. Where B = 1 the two steps' states are the same;
     the runner brings B back to 1 (M ← M/B^power) before B can overflow and before it hands out
-    or takes in values."""
+    or takes in values. `decay`: the hyperparameter that B grows by the inverse of."""
     powers: Mapping[str, float]
+    decay: str
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,13 @@ def update_sgd(ctx, w, g, alpha, t, slots):
     return ctx.b.sub(w, ctx.b.mul(alpha, g)), {}
 
 
+def folded_decay(ctx, decay: Value) -> Value:
+    """A folded moment's decay d, at least MIN_DECAY, so that B/d stays finite."""
+    return ctx.b.op("maximum", decay, ctx.b.scalar(MIN_DECAY))
+
+
 def moment_scale(ctx, slots: Slots, decay: Value) -> tuple[Value, Value]:
-    """(B, B/d): the folded moments' scale before and after this step, for their decay d."""
+    """(B, B/d): the folded moments' scale before and after this step, for their (folded) decay d."""
     scale = slots.scalar(MOMENT_SCALE, 1.0)
     return scale, ctx.b.div(scale, decay)
 
@@ -166,13 +177,14 @@ def update_momentum(ctx, w, g, alpha, t, slots):
 def momentum_folded_scale(ctx, slots) -> Value:
     # G = B·g' with B ← B/β
     beta = ctx.hyperparameter("beta", ctx.program.train.optimizer.beta)
-    return ctx.b.mul(momentum_scale(ctx), moment_scale(ctx, slots, beta)[1])
+    return ctx.b.mul(momentum_scale(ctx), moment_scale(ctx, slots, folded_decay(ctx, beta))[1])
 
 
 def update_momentum_folded(ctx, w, g, alpha, t, slots):
     # V = B·v:  V ← B·(β·v + g') = V + G;  W ← W − (α/B)·V: 3 passes
     b = ctx.b
-    scale, scale_new = moment_scale(ctx, slots, ctx.hyperparameter("beta", ctx.program.train.optimizer.beta))
+    beta = ctx.hyperparameter("beta", ctx.program.train.optimizer.beta)
+    scale, scale_new = moment_scale(ctx, slots, folded_decay(ctx, beta))
     v = slots.tensor("v")
     v_new = b.add(v, g)
     return b.sub(w, b.mul(b.div(alpha, scale_new), v_new)), {v.name: v_new, scale.name: scale_new}
@@ -196,7 +208,7 @@ def update_rmsprop(ctx, w, g, alpha, t, slots):
 def rmsprop_folded_scale(ctx, slots) -> Value:
     # G = √B·g' with B ← B/β₂
     beta2 = ctx.hyperparameter("beta2", ctx.program.train.optimizer.beta2)
-    return ctx.b.mul(rmsprop_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, beta2)[1]))
+    return ctx.b.mul(rmsprop_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, folded_decay(ctx, beta2))[1]))
 
 
 def update_rmsprop_folded(ctx, w, g, alpha, t, slots):
@@ -204,7 +216,7 @@ def update_rmsprop_folded(ctx, w, g, alpha, t, slots):
     # W ← W − (α/√(1 − β₂))·g'/(√s + ε) = W − (α/√(1 − β₂))·G/(√S + ε·√B): 7 passes
     b, opt = ctx.b, ctx.program.train.optimizer
     beta2, eps = ctx.hyperparameter("beta2", opt.beta2), ctx.hyperparameter("eps", opt.eps)
-    scale, scale_new = moment_scale(ctx, slots, beta2)
+    scale, scale_new = moment_scale(ctx, slots, folded_decay(ctx, beta2))
     s = slots.tensor("s")
     s_new = b.add(s, b.mul(g, g))
     step = b.div(g, b.add(b.op("sqrt", s_new), b.mul(eps, b.op("sqrt", scale_new))))
@@ -265,7 +277,8 @@ def update_adam(ctx, w, g, alpha, t, slots):
 
 def adam_folded_scale(ctx, slots) -> Value:
     # G = √B·g' with B ← B/d, d ŝ's decay
-    return ctx.b.mul(adam_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, adam_decay(ctx, slots)[2])[1]))
+    decay = folded_decay(ctx, adam_decay(ctx, slots)[2])
+    return ctx.b.mul(adam_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, decay)[1]))
 
 
 def update_adam_folded(ctx, w, g, alpha, t, slots):
@@ -275,6 +288,7 @@ def update_adam_folded(ctx, w, g, alpha, t, slots):
     b = ctx.b
     beta1 = ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1)
     k, k_prev, decay = adam_decay(ctx, slots)
+    decay = folded_decay(ctx, decay)
     scale, scale_new = moment_scale(ctx, slots, decay)
     v, s = slots.tensor("v"), slots.tensor("s")
     v_new = b.add(b.mul(b.div(beta1, b.op("sqrt", decay)), v), g)
@@ -289,6 +303,6 @@ def update_adam_folded(ctx, w, g, alpha, t, slots):
 OPTIMIZERS = {"sgd": Optimizer(update_sgd), "momentum": Optimizer(update_momentum, momentum_scale),
               "rmsprop": Optimizer(update_rmsprop, rmsprop_scale), "adam": Optimizer(update_adam, adam_scale)}
 FOLDED_OPTIMIZERS = {
-    "momentum": Optimizer(update_momentum_folded, momentum_folded_scale, Folding({"params.v": 1.0})),
-    "rmsprop": Optimizer(update_rmsprop_folded, rmsprop_folded_scale, Folding({"params.s": 1.0})),
-    "adam": Optimizer(update_adam_folded, adam_folded_scale, Folding({"params.s": 1.0, "params.v": 0.5}))}
+    "momentum": Optimizer(update_momentum_folded, momentum_folded_scale, Folding({"params.v": 1.0}, "beta")),
+    "rmsprop": Optimizer(update_rmsprop_folded, rmsprop_folded_scale, Folding({"params.s": 1.0}, "beta2")),
+    "adam": Optimizer(update_adam_folded, adam_folded_scale, Folding({"params.s": 1.0, "params.v": 0.5}, "beta2"))}

@@ -43,7 +43,7 @@ import onnxruntime as ort
 from compiler.gradients_in_place import GRADS, gradients_in_place
 from compiler.onnx_graph import producers, reads
 from compiler.program import FLAT, Compiled, FlatView, TrainStepSpec, initial_values, runner_spec
-from compiler.train import MOMENT_SCALE, Folding
+from compiler.train import MIN_DECAY, MOMENT_SCALE, Folding
 from dsl.errors import DlnError
 
 # cuda: float32 products in float32, TensorFloat-32 off (ONNX Runtime turns it on by default;
@@ -171,7 +171,8 @@ def training_graph(compiled: Compiled, device: str = "cpu", join_gradients: bool
     """The training step the runner runs. On the CPU:
     - the runner's form of it (`compiled.runner_step`), where the optimiser keeps its moments
       scaled, which saves a pass over the parameters a step (MLP 784-256-128-10 with Adam, batch
-      32: 4 to 6 % faster steps, bench/NOTES.md section 24);
+      32: 4 to 6 % faster steps, bench/NOTES.md section 24), unless the program's decay is under
+      MIN_DECAY (a β of 0), which the runner's form would not give exactly;
     - unless `join_gradients`, where the step joins its gradients into one row, each gradient an
       output bound to its slice of the input GRADS, which the update reads, so nothing is copied
       to join them (`compiler.gradients_in_place`).
@@ -183,7 +184,8 @@ def training_graph(compiled: Compiled, device: str = "cpu", join_gradients: bool
     graph = TrainingGraph(compiled.train_step, compiled.spec)
     if device != "cpu":
         return graph
-    if compiled.runner_step is not None:
+    runner = compiled.runner_step
+    if runner is not None and compiled.spec.hyper.get(runner.folding.decay, 1.0) >= MIN_DECAY:
         graph = TrainingGraph(compiled.runner_step.model, runner_spec(compiled.spec),
                               folding=compiled.runner_step.folding)
     bound = None if join_gradients else gradients_in_place(graph.model, graph.spec)
@@ -353,8 +355,8 @@ class StepRunner:
                 io.bind_cpu_input(name, array)
         self.session.run_with_iobinding(io)
         self.current = 1 - self.current
-        if self.folding is not None and self._host[self.current][MOMENT_SCALE] > UNFOLD_ABOVE:
-            self._unfold()
+        if self.folding is not None and float(self._host[self.current][MOMENT_SCALE]) > UNFOLD_ABOVE:
+            self._unfold()                                      # (a float compares in 0.05 µs, an array in 0.5)
         return float(self._loss)
 
     def _unfold(self) -> None:
