@@ -167,12 +167,14 @@ class TrainingGraph:
     folding: Folding | None = None
 
 
-def training_graph(compiled: Compiled, device: str = "cpu", join_gradients: bool = False) -> TrainingGraph:
+def training_graph(compiled: Compiled, device: str = "cpu", join_gradients: bool = False,
+                   folded: bool | None = None) -> TrainingGraph:
     """The training step the runner runs. On the CPU:
     - the runner's form of it (`compiled.runner_step`), where the optimiser keeps its moments
       scaled, which saves a pass over the parameters a step (MLP 784-256-128-10 with Adam, batch
       32: 4 to 6 % faster steps, bench/NOTES.md section 24), unless the program's decay is under
-      MIN_DECAY (a β of 0), which the runner's form would not give exactly;
+      MIN_DECAY (a β of 0), which the runner's form would not give exactly (`folded`: that form
+      or not, as an existing session has it);
     - unless `join_gradients`, where the step joins its gradients into one row, each gradient an
       output bound to its slice of the input GRADS, which the update reads, so nothing is copied
       to join them (`compiler.gradients_in_place`).
@@ -185,9 +187,10 @@ def training_graph(compiled: Compiled, device: str = "cpu", join_gradients: bool
     if device != "cpu":
         return graph
     runner = compiled.runner_step
-    if runner is not None and compiled.spec.hyper.get(runner.folding.decay, 1.0) >= MIN_DECAY:
-        graph = TrainingGraph(compiled.runner_step.model, runner_spec(compiled.spec),
-                              folding=compiled.runner_step.folding)
+    if folded is None:
+        folded = runner is not None and compiled.spec.hyper.get(runner.folding.decay, 1.0) >= MIN_DECAY
+    if folded:
+        graph = TrainingGraph(runner.model, runner_spec(compiled.spec), folding=runner.folding)
     bound = None if join_gradients else gradients_in_place(graph.model, graph.spec)
     return graph if bound is None else replace(graph, model=bound.model, gradients=bound.outputs)
 
@@ -236,7 +239,9 @@ class StepRunner:
     def __init__(self, compiled: Compiled, device: str = "cpu", threads: int | None = None,
                  session: ort.InferenceSession | None = None):
         """`session`: an existing session of this training graph (a search reuses one per architecture)."""
-        graph = training_graph(compiled, device)
+        # a search's trials share the session of their architecture's first: its form decides
+        folded = None if session is None else MOMENT_SCALE in {i.name for i in session.get_inputs()}
+        graph = training_graph(compiled, device, folded=folded)
         spec, model = graph.spec, graph.model
         self.spec = spec
         self.on_device = device == "cuda"

@@ -197,3 +197,17 @@ def test_a_decay_of_zero_set_mid_run_is_min_decay(kind):
     # (the exported step's moments pass 1e8 within 15 steps): the losses agree, the values stay finite
     np.testing.assert_allclose(results[0][0][:7], results[1][0][:7], rtol=1e-5)
     assert all(np.isfinite(array).all() for array in results[0][1].values())
+
+
+def test_a_shared_session_decides_the_form_of_the_step():
+    # a search builds one session per architecture, from its first trial, and its later trials
+    # (another β, maybe 0) train on it: the runner takes the form that session has
+    folding = compile_program(dsl.load(program(FAST["momentum"])))
+    zero = compile_program(dsl.load(program("momentum lr=0.1 beta=0")))
+    feeds = batches(6)
+    for first, trial in ((folding, zero), (zero, folding)):
+        session = StepRunner(first, "cpu", 1).session
+        shared = StepRunner(trial, "cpu", 1, session=session)
+        assert (shared.folding is None) == (training_graph(first).folding is None)
+        own = StepRunner(trial, "cpu", 1)
+        assert_same_training(run(shared, feeds), shared.arrays(), run(own, feeds), own.arrays())

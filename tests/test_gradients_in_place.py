@@ -67,7 +67,7 @@ def plain_step(monkeypatch):
     """The runner's step with its gradients joined, as compiled."""
     built = runtime.session.training_graph
     monkeypatch.setattr(runtime.session, "training_graph",
-                        lambda compiled, device="cpu": built(compiled, device, join_gradients=True))
+                        lambda compiled, device="cpu", folded=None: built(compiled, device, True, folded))
 
 
 @pytest.mark.parametrize("spec", ALL_CASES)

@@ -27,13 +27,15 @@ CONFIGS = [("mlp", 32), ("mlp", 512), ("gru_char", 32)]
 def variants(device: str, threads: int) -> dict[str, tuple[dict, int]]:
     """name -> (the module attributes that variant replaces while its runner is built, threads)."""
     built = session.training_graph
-    exported = {"training_graph": lambda compiled, device: built(replace(compiled, runner_step=None), device)}
+    exported = {"training_graph": lambda compiled, device, folded=None: built(replace(compiled, runner_step=None),
+                                                                              device)}
     if device == "cpu":
         return {"as built": ({}, threads),
-                "joined": ({"training_graph": lambda compiled, device: built(compiled, device, join_gradients=True)},
+                "joined": ({"training_graph": lambda compiled, device, folded=None: built(compiled, device, True)},
                            threads),
                 "exported moments": (exported, threads)}
-    in_place = {"training_graph": lambda compiled, device: built(replace(compiled, runner_step=None), "cpu")}
+    in_place = {"training_graph": lambda compiled, device, folded=None: built(replace(compiled, runner_step=None),
+                                                                              "cpu")}
     tf32 = {"PROVIDERS": {**session.PROVIDERS, "cuda": [("CUDAExecutionProvider", {"use_tf32": "1"}),
                                                        "CPUExecutionProvider"]}}
     return {"as built": ({}, threads), "in place": (in_place, threads), "tf32": (tf32, threads),
