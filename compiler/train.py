@@ -259,20 +259,26 @@ def adam_decay(ctx, slots) -> tuple[Value, Value, Value]:
     return k, k_prev, ctx.b.mul(beta2, ctx.b.div(k_prev, k))
 
 
+def adam_step(ctx, w, v, s, alpha, t, k, eps_scale: Value | None = None) -> Value:
+    # W ← W − c·v/(√s + ε̂) = W − (c/√k)·v/(√ŝ + ε̂/√k), v and ŝ both scaled by a (√B, B)
+    # or not: W − (c/√k)·a·v/(√(a²·ŝ) + a·ε̂/√k)                                    (5 passes)
+    b = ctx.b
+    c, eps_hat = adam_scalars(ctx, alpha, t)
+    root_k = b.op("sqrt", k)
+    eps = b.div(eps_hat if eps_scale is None else b.mul(eps_hat, eps_scale), root_k)
+    return b.sub(w, b.mul(b.div(c, root_k), b.div(v, b.add(b.op("sqrt", s), eps))))
+
+
 def update_adam(ctx, w, g, alpha, t, slots):
     # g' = (1 − β₁)·dW, so v ← β₁·v + (1 − β₁)·dW is v ← β₁·v + g'               (2 passes)
     # ŝ = s/k with k = (1 − β₂)/(1 − β₁)²: ŝ ← β₂·(k_prev/k)·ŝ + g'²              (3 passes)
-    # W ← W − c·v/(√s + ε̂) = W − (c/√k)·v/(√ŝ + ε̂/√k)                           (5 passes)
     b = ctx.b
     beta1 = ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1)
     k, k_prev, decay = adam_decay(ctx, slots)
     v, s = slots.tensor("v"), slots.tensor("s")
     v_new = b.add(b.mul(beta1, v), g)
     s_new = b.add(b.mul(decay, s), b.mul(g, g))
-    c, eps_hat = adam_scalars(ctx, alpha, t)
-    root_k = b.op("sqrt", k)
-    step = b.div(v_new, b.add(b.op("sqrt", s_new), b.div(eps_hat, root_k)))
-    return b.sub(w, b.mul(b.div(c, root_k), step)), {v.name: v_new, s.name: s_new, k_prev.name: k}
+    return adam_step(ctx, w, v_new, s_new, alpha, t, k), {v.name: v_new, s.name: s_new, k_prev.name: k}
 
 
 def adam_folded_scale(ctx, slots) -> Value:
@@ -284,7 +290,6 @@ def adam_folded_scale(ctx, slots) -> Value:
 def update_adam_folded(ctx, w, g, alpha, t, slots):
     # S = B·ŝ:  S ← B·(d·ŝ + g'²) = S + G²                                          (2 passes)
     # V = √B·v: V ← √B·(β₁·v + g') = (β₁/√d)·V + G                                 (2 passes)
-    # W ← W − (c/√k)·v/(√ŝ + ε̂/√k) = W − (c/√k)·V/(√S + √B·ε̂/√k)                (5 passes)
     b = ctx.b
     beta1 = ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1)
     k, k_prev, decay = adam_decay(ctx, slots)
@@ -293,11 +298,8 @@ def update_adam_folded(ctx, w, g, alpha, t, slots):
     v, s = slots.tensor("v"), slots.tensor("s")
     v_new = b.add(b.mul(b.div(beta1, b.op("sqrt", decay)), v), g)
     s_new = b.add(s, b.mul(g, g))
-    c, eps_hat = adam_scalars(ctx, alpha, t)
-    root_k = b.op("sqrt", k)
-    step = b.div(v_new, b.add(b.op("sqrt", s_new), b.div(b.mul(eps_hat, b.op("sqrt", scale_new)), root_k)))
-    return b.sub(w, b.mul(b.div(c, root_k), step)), {v.name: v_new, s.name: s_new, k_prev.name: k,
-                                                     scale.name: scale_new}
+    step = adam_step(ctx, w, v_new, s_new, alpha, t, k, eps_scale=b.op("sqrt", scale_new))
+    return step, {v.name: v_new, s.name: s_new, k_prev.name: k, scale.name: scale_new}
 
 
 OPTIMIZERS = {"sgd": Optimizer(update_sgd), "momentum": Optimizer(update_momentum, momentum_scale),
