@@ -151,15 +151,12 @@ def update_sgd(ctx, w, g, alpha, t, slots):
     return ctx.b.sub(w, ctx.b.mul(alpha, g)), {}
 
 
-def folded_decay(ctx, decay: Value) -> Value:
-    """A folded moment's decay d, at least MIN_DECAY, so that B/d stays finite."""
-    return ctx.b.op("maximum", decay, ctx.b.scalar(MIN_DECAY))
-
-
-def moment_scale(ctx, slots: Slots, decay: Value) -> tuple[Value, Value]:
-    """(B, B/d): the folded moments' scale before and after this step, for their (folded) decay d."""
+def moment_scale(ctx, slots: Slots, decay: Value) -> tuple[Value, Value, Value]:
+    """(B, B/d, d): the folded moments' scale before and after this step, and their decay d as
+    the folded rule uses it, at least MIN_DECAY so that B/d stays finite."""
     scale = slots.scalar(MOMENT_SCALE, 1.0)
-    return scale, ctx.b.div(scale, decay)
+    decay = ctx.b.op("maximum", decay, ctx.b.scalar(MIN_DECAY))
+    return scale, ctx.b.div(scale, decay), decay
 
 
 def momentum_scale(ctx, slots=None) -> Value:
@@ -177,14 +174,14 @@ def update_momentum(ctx, w, g, alpha, t, slots):
 def momentum_folded_scale(ctx, slots) -> Value:
     # G = B·g' with B ← B/β
     beta = ctx.hyperparameter("beta", ctx.program.train.optimizer.beta)
-    return ctx.b.mul(momentum_scale(ctx), moment_scale(ctx, slots, folded_decay(ctx, beta))[1])
+    return ctx.b.mul(momentum_scale(ctx), moment_scale(ctx, slots, beta)[1])
 
 
 def update_momentum_folded(ctx, w, g, alpha, t, slots):
     # V = B·v:  V ← B·(β·v + g') = V + G;  W ← W − (α/B)·V: 3 passes
     b = ctx.b
     beta = ctx.hyperparameter("beta", ctx.program.train.optimizer.beta)
-    scale, scale_new = moment_scale(ctx, slots, folded_decay(ctx, beta))
+    scale, scale_new, _ = moment_scale(ctx, slots, beta)
     v = slots.tensor("v")
     v_new = b.add(v, g)
     return b.sub(w, b.mul(b.div(alpha, scale_new), v_new)), {v.name: v_new, scale.name: scale_new}
@@ -208,7 +205,7 @@ def update_rmsprop(ctx, w, g, alpha, t, slots):
 def rmsprop_folded_scale(ctx, slots) -> Value:
     # G = √B·g' with B ← B/β₂
     beta2 = ctx.hyperparameter("beta2", ctx.program.train.optimizer.beta2)
-    return ctx.b.mul(rmsprop_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, folded_decay(ctx, beta2))[1]))
+    return ctx.b.mul(rmsprop_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, beta2)[1]))
 
 
 def update_rmsprop_folded(ctx, w, g, alpha, t, slots):
@@ -216,7 +213,7 @@ def update_rmsprop_folded(ctx, w, g, alpha, t, slots):
     # W ← W − (α/√(1 − β₂))·g'/(√s + ε) = W − (α/√(1 − β₂))·G/(√S + ε·√B): 7 passes
     b, opt = ctx.b, ctx.program.train.optimizer
     beta2, eps = ctx.hyperparameter("beta2", opt.beta2), ctx.hyperparameter("eps", opt.eps)
-    scale, scale_new = moment_scale(ctx, slots, folded_decay(ctx, beta2))
+    scale, scale_new, _ = moment_scale(ctx, slots, beta2)
     s = slots.tensor("s")
     s_new = b.add(s, b.mul(g, g))
     step = b.div(g, b.add(b.op("sqrt", s_new), b.mul(eps, b.op("sqrt", scale_new))))
@@ -283,8 +280,7 @@ def update_adam(ctx, w, g, alpha, t, slots):
 
 def adam_folded_scale(ctx, slots) -> Value:
     # G = √B·g' with B ← B/d, d ŝ's decay
-    decay = folded_decay(ctx, adam_decay(ctx, slots)[2])
-    return ctx.b.mul(adam_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, decay)[1]))
+    return ctx.b.mul(adam_scale(ctx), ctx.b.op("sqrt", moment_scale(ctx, slots, adam_decay(ctx, slots)[2])[1]))
 
 
 def update_adam_folded(ctx, w, g, alpha, t, slots):
@@ -293,8 +289,7 @@ def update_adam_folded(ctx, w, g, alpha, t, slots):
     b = ctx.b
     beta1 = ctx.hyperparameter("beta1", ctx.program.train.optimizer.beta1)
     k, k_prev, decay = adam_decay(ctx, slots)
-    decay = folded_decay(ctx, decay)
-    scale, scale_new = moment_scale(ctx, slots, decay)
+    scale, scale_new, decay = moment_scale(ctx, slots, decay)
     v, s = slots.tensor("v"), slots.tensor("s")
     v_new = b.add(b.mul(b.div(beta1, b.op("sqrt", decay)), v), g)
     s_new = b.add(s, b.mul(g, g))
